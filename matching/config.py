@@ -1,0 +1,148 @@
+"""Typed configuration: the paper's hyper-parameters as defaults (TSHSR §IV-A, DESIGN §5).
+
+One `Config` holds a `ModelConfig` (everything needed to rebuild the network)
+and a `TrainConfig` (the recipe). It is saved as plain data with every
+checkpoint and as YAML beside every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+REASONING = ("hsr", "sgr")
+STREAMS = ("i2t", "t2i", "both")
+ATTENTION_CLIPS = ("leaky_relu", "relu")
+RELATION_NORMS = ("softmax", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or unknown; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    """The network. Defaults are the paper's; `sgraf_sgr()` gives SGRAF's SGR."""
+
+    vocab_size: int = 0  # rows of the word embedding; set from the vocabulary
+    img_dim: int = 2048  # width of the region features
+    num_regions: int = 36  # K: most boxes an image has (the image self-attention normalises per region)
+    word_dim: int = 300  # word embedding size
+    embed_size: int = 1024  # d: joint embedding size (GRU hidden size)
+    sim_dim: int = 256  # m: similarity vector size
+    gru_layers: int = 1  # stacked GRU layers
+    bidirectional: bool = True  # BiGRU; the two directions are averaged
+    dropout: float = 0.4  # on word embeddings and in the self-attention pooling
+    normalize_images: bool = True  # l2-normalise region embeddings
+    normalize_text: bool = True  # l2-normalise word embeddings
+    lambda_i2t: float = 9.0  # λ of the softmax over regions (words attend to regions, Eq. 2)
+    lambda_t2i: float = 9.0  # λ of the softmax over words (regions attend to words, Eq. 3)
+    attention_clip: str = "leaky_relu"  # [c]+ of Eq. 2/3: leaky_relu(0.1) as the reference code, or relu
+    reasoning: str = "hsr"  # hsr (Eq. 4-6) or sgr (SGRAF's graph reasoning), Table IV
+    reasoning_steps: int = 3  # M, Table III (0 = no reasoning)
+    reasoning_stream: str = "i2t"  # the stream that reasons, Table V
+    streams: str = "both"  # i2t ("HSR"), t2i, or both ("TSHSR"), Table I
+    relation_norm: str = "softmax"  # HSR relation matrix: softmax rows, or none (the paper's literal Eq. 4)
+
+    def validate(self) -> ModelConfig:
+        """Raise ConfigError on a value no model can be built from; returns self."""
+        choices = {"reasoning": REASONING, "streams": STREAMS, "reasoning_stream": ("i2t", "t2i"),
+                   "attention_clip": ATTENTION_CLIPS, "relation_norm": RELATION_NORMS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name} = {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        for name in ("img_dim", "num_regions", "word_dim", "embed_size", "sim_dim", "gru_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be at least 1, not {getattr(self, name)}")
+        if self.reasoning_steps < 0:
+            raise ConfigError(f"model.reasoning_steps must be 0 or more, not {self.reasoning_steps}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), not {self.dropout}")
+        if self.reasoning_steps > 0 and self.streams not in ("both", self.reasoning_stream):
+            raise ConfigError(f"model.reasoning_stream = {self.reasoning_stream!r} but model.streams = "
+                              f"{self.streams!r}: the reasoning stream must be computed")
+        return self
+
+    @classmethod
+    def sgraf_sgr(cls, **overrides: Any) -> ModelConfig:
+        """SGRAF's SGR model: graph reasoning on the image-to-text stream only, M = 3."""
+        return cls(**{"reasoning": "sgr", "streams": "i2t", "reasoning_stream": "i2t",
+                      "reasoning_steps": 3, **overrides})
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe (§IV-A); COCO/Flickr30K presets in `PRESETS`."""
+
+    margin: float = 0.2  # α of the triplet loss (Eq. 9)
+    hardest_negatives: bool = True  # max over negatives (VSE++); False sums all negatives
+    warmup_epochs: int = 0  # epochs that sum all negatives before switching to the hardest
+    learning_rate: float = 2e-4  # Adam
+    lr_decay_epoch: int = 10  # epoch at which the learning rate is multiplied by lr_decay
+    lr_decay: float = 0.1
+    epochs: int = 20
+    batch_size: int = 128
+    grad_clip: float = 2.0  # max gradient norm (0 = off)
+    seed: int = 0
+    workers: int = 2  # DataLoader worker processes
+    features_in_memory: bool = False  # keep all region features in RAM
+    mixed_precision: bool = False  # autocast to bfloat16/float16 on GPU
+    allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
+    validate_every: int = 1  # epochs between validations
+    log_every: int = 50  # steps between log lines
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "coco": {"epochs": 20, "lr_decay_epoch": 10},
+    "f30k": {"epochs": 40, "lr_decay_epoch": 30},
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> Config:
+        unknown = set(payload) - {"model", "train"}
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}; expected model, train")
+        return cls(model=_build(ModelConfig, payload.get("model", {}), "model").validate(),
+                   train=_build(TrainConfig, payload.get("train", {}), "train"))
+
+
+def _build(kind: type, values: dict[str, Any], section: str) -> Any:
+    """Build a dataclass from plain data, checking names and coercing types (YAML gives strings for 2e-4)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, not {type(values).__name__}")
+    hints = get_type_hints(kind)
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown field(s) {section}.{', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(known))}")
+    coerced = {}
+    for name, value in values.items():
+        target = hints[name]
+        try:
+            if target is bool:
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    value = value.lower() in ("true", "1", "yes")
+                coerced[name] = bool(value)
+            elif target in (int, float):
+                if isinstance(value, bool) or (target is int and isinstance(value, float)
+                                               and not value.is_integer()):
+                    raise ValueError(value)
+                coerced[name] = target(value)
+            else:
+                coerced[name] = target(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{section}.{name} = {value!r} is not a valid {target.__name__}") from None
+    return kind(**coerced)

@@ -1,0 +1,146 @@
+"""Retrieval metrics and the standard protocols (DESIGN §5.10, §6).
+
+`sims` is always (n_images, n_images · captions_per_image) with caption k of
+image i in column i·cpi + k. Ranks are 0-based and ties count against the
+query (a caption scoring exactly as high as the ground truth ranks above it),
+so a collapsed model that gives every pair the same score gets R@1 = 0, not 100.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+RECALL_KEYS = ("r1", "r5", "r10")
+METRIC_KEYS = tuple(f"{d}_{k}" for d in ("i2t", "t2i") for k in (*RECALL_KEYS, "medr", "meanr")) + ("rsum",)
+PROTOCOLS = ("all", "full", "coco1k", "coco5k", "f30k")
+COCO_TEST_IMAGES = 5000
+COCO_FOLD_IMAGES = 1000
+F30K_TEST_IMAGES = 1000
+_ROW_CHUNK = 256
+
+
+def _check(sims: np.ndarray, captions_per_image: int) -> np.ndarray:
+    sims = np.asarray(sims)
+    if sims.ndim != 2:
+        raise ValueError(f"sims must be a 2-d (images × captions) matrix, not shape {sims.shape}")
+    if captions_per_image < 1 or sims.shape[1] != sims.shape[0] * captions_per_image:
+        raise ValueError(f"sims has shape {sims.shape}: expected (n, n·{captions_per_image}) "
+                         f"with {captions_per_image} captions per image")
+    if not np.isfinite(sims).all():
+        raise ValueError("sims contains NaN or infinite scores")
+    return sims
+
+
+def i2t_ranks(sims: np.ndarray, captions_per_image: int = 5) -> np.ndarray:
+    """For each image, the 0-based rank of its best-scored ground-truth caption among all captions."""
+    sims = _check(sims, captions_per_image)
+    n, cpi = sims.shape[0], captions_per_image
+    ranks = np.empty(n, np.int64)
+    for start in range(0, n, _ROW_CHUNK):
+        rows = np.arange(start, min(start + _ROW_CHUNK, n))
+        block = sims[rows]  # (b, n·cpi)
+        truth = block.reshape(len(rows), n, cpi)[np.arange(len(rows)), rows]  # (b, cpi)
+        best = truth.max(axis=1, keepdims=True)
+        ranks[rows] = (block >= best).sum(axis=1) - (truth >= best).sum(axis=1)
+    return ranks
+
+
+def t2i_ranks(sims: np.ndarray, captions_per_image: int = 5) -> np.ndarray:
+    """For each caption, the 0-based rank of its image among all images."""
+    sims = _check(sims, captions_per_image)
+    n_captions = sims.shape[1]
+    owner = np.arange(n_captions) // captions_per_image
+    ranks = np.empty(n_captions, np.int64)
+    for start in range(0, n_captions, _ROW_CHUNK):
+        cols = np.arange(start, min(start + _ROW_CHUNK, n_captions))
+        block = sims[:, cols]  # (n, b)
+        truth = block[owner[cols], np.arange(len(cols))]  # (b,)
+        ranks[cols] = (block >= truth).sum(axis=0) - 1
+    return ranks
+
+
+def _summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
+    return {
+        f"{prefix}_r1": 100.0 * float(np.mean(ranks < 1)),
+        f"{prefix}_r5": 100.0 * float(np.mean(ranks < 5)),
+        f"{prefix}_r10": 100.0 * float(np.mean(ranks < 10)),
+        f"{prefix}_medr": float(np.floor(np.median(ranks)) + 1),
+        f"{prefix}_meanr": float(ranks.mean() + 1),
+    }
+
+
+def recall_metrics(sims: np.ndarray, captions_per_image: int = 5) -> dict[str, float]:
+    """R@1/5/10 (percent), medr and meanr in both directions, and rsum (the six recalls summed)."""
+    metrics = _summary(i2t_ranks(sims, captions_per_image), "i2t")
+    metrics.update(_summary(t2i_ranks(sims, captions_per_image), "t2i"))
+    metrics["rsum"] = sum(metrics[f"{d}_{k}"] for d in ("i2t", "t2i") for k in RECALL_KEYS)
+    return metrics
+
+
+def fold_metrics(sims: np.ndarray, fold_images: int, captions_per_image: int = 5) -> dict[str, Any]:
+    """Metrics averaged over consecutive folds of `fold_images` images (MSCOCO 1K: 5 × 1000).
+
+    Every key is the mean of the folds' values (so rsum is the mean rsum, which
+    equals the sum of the mean recalls); the folds' own metrics are under "folds".
+    """
+    sims = _check(sims, captions_per_image)
+    n = sims.shape[0]
+    if n % fold_images or n == 0:
+        raise ValueError(f"{n} images do not split into folds of {fold_images}")
+    folds = []
+    for f in range(n // fold_images):
+        rows = slice(f * fold_images, (f + 1) * fold_images)
+        cols = slice(f * fold_images * captions_per_image, (f + 1) * fold_images * captions_per_image)
+        folds.append(recall_metrics(sims[rows, cols], captions_per_image))
+    mean = {key: float(np.mean([fold[key] for fold in folds])) for key in METRIC_KEYS}
+    return {**mean, "folds": folds}
+
+
+def evaluate_protocol(sims: np.ndarray, protocol: str = "all",
+                      captions_per_image: int = 5) -> dict[str, dict[str, Any]]:
+    """Metrics under a named protocol: {protocol name: metrics}.
+
+    - ``coco1k``: mean over 5 folds of 1000 images (needs the 5000 MSCOCO test images);
+    - ``coco5k``: all 5000 MSCOCO test images;
+    - ``f30k``: the 1000 Flickr30K test images;
+    - ``full``: all images, whatever their number;
+    - ``all``: every protocol the matrix fits (coco1k + coco5k for 5000 images,
+      f30k for 1000, else full).
+    """
+    sims = _check(sims, captions_per_image)
+    n = sims.shape[0]
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    expected = {"coco1k": COCO_TEST_IMAGES, "coco5k": COCO_TEST_IMAGES, "f30k": F30K_TEST_IMAGES}
+    if protocol in expected and n != expected[protocol]:
+        raise ValueError(f"protocol {protocol} needs {expected[protocol]} test images, "
+                         f"the split has {n}; use --protocol full")
+    if protocol == "all":
+        names = {COCO_TEST_IMAGES: ["coco1k", "coco5k"], F30K_TEST_IMAGES: ["f30k"]}.get(n, ["full"])
+    else:
+        names = [protocol]
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name == "coco1k":
+            results[name] = fold_metrics(sims, COCO_FOLD_IMAGES, captions_per_image)
+        else:
+            results[name] = recall_metrics(sims, captions_per_image)
+    return results
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A readable table: one row per protocol, image→text and text→image recalls, medr, meanr, rsum."""
+    header = (f"{'protocol':<9} | {'image → text':^34} | {'text → image':^34} | {'rsum':>6}\n"
+              f"{'':<9} | {'R@1':>6} {'R@5':>6} {'R@10':>6} {'medr':>6} {'meanr':>6} "
+              f"| {'R@1':>6} {'R@5':>6} {'R@10':>6} {'medr':>6} {'meanr':>6} | {'':>6}")
+    lines = [header, "-" * len(header.splitlines()[1])]
+    for name, m in results.items():
+        label = f"{name} (mean of {len(m['folds'])} folds)" if "folds" in m else name
+        cells = " ".join(f"{m[f'i2t_{k}']:6.1f}" for k in (*RECALL_KEYS, "medr", "meanr"))
+        cells_t = " ".join(f"{m[f't2i_{k}']:6.1f}" for k in (*RECALL_KEYS, "medr", "meanr"))
+        lines.append(f"{name:<9} | {cells} | {cells_t} | {m['rsum']:6.1f}")
+        if "folds" in m:
+            lines.append(f"{'':<9}   ({label})")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""The TSHSR network: encoders + similarity head, built from a `ModelConfig`."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from matching.config import ModelConfig
+from matching.encoders import Embedded, ImageEncoder, TextEncoder
+from matching.reasoning import build_reasoning
+from matching.similarity import SimilarityHead
+
+
+class TSHSR(nn.Module):
+    """Two-stream hierarchical similarity reasoning (and, by configuration, HSR and SGRAF's SGR).
+
+    Images and captions are encoded once (`encode_images`, `encode_captions`);
+    `pair_scores` scores every image against every caption of two encoded
+    blocks. `forward` does all three for a training batch.
+    """
+
+    def __init__(self, *, image_encoder: ImageEncoder, text_encoder: TextEncoder,
+                 head: SimilarityHead) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.head = head
+
+    def encode_images(self, features: Tensor, num_boxes: Tensor) -> Embedded:
+        """features (B, K, img_dim), num_boxes (B,) → Embedded (B, num_regions, d)."""
+        return self.image_encoder(features, num_boxes)
+
+    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Embedded:
+        """tokens (B, L), lengths (B,) → Embedded (B, L, d)."""
+        return self.text_encoder(tokens, lengths)
+
+    def pair_scores(self, images: Embedded, captions: Embedded) -> Tensor:
+        """Scores of every (image, caption) pair: (Bi, Bc)."""
+        return self.head(images, captions)
+
+    def forward(self, features: Tensor, num_boxes: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """A batch's full score matrix (B_images, B_captions); the diagonal holds the positives."""
+        return self.pair_scores(self.encode_images(features, num_boxes),
+                                self.encode_captions(tokens, lengths))
+
+
+def build_model(config: ModelConfig) -> TSHSR:
+    """A freshly initialised network for `config` (validated first)."""
+    config.validate()
+    if config.vocab_size < 4:
+        raise ValueError(f"model.vocab_size is {config.vocab_size}; set it from the vocabulary")
+    image_encoder = ImageEncoder(img_dim=config.img_dim, embed_size=config.embed_size,
+                                 num_regions=config.num_regions, dropout=config.dropout,
+                                 normalize=config.normalize_images)
+    text_encoder = TextEncoder(vocab_size=config.vocab_size, word_dim=config.word_dim,
+                               embed_size=config.embed_size, num_layers=config.gru_layers,
+                               bidirectional=config.bidirectional, dropout=config.dropout,
+                               normalize=config.normalize_text)
+    reasoning = build_reasoning(config.reasoning, config.sim_dim, config.reasoning_steps,
+                                config.relation_norm)
+    head = SimilarityHead(embed_size=config.embed_size, sim_dim=config.sim_dim, streams=config.streams,
+                          reasoning=reasoning, reasoning_stream=config.reasoning_stream,
+                          lambda_i2t=config.lambda_i2t, lambda_t2i=config.lambda_t2i,
+                          attention_clip=config.attention_clip)
+    return TSHSR(image_encoder=image_encoder, text_encoder=text_encoder, head=head)

@@ -1,0 +1,144 @@
+"""Import a published SGRAF SGR checkpoint (``model_best.pth.tar``) as a tshsr-pipe checkpoint.
+
+SGRAF saves ``{"model": [img_enc, txt_enc, sim_enc state dicts], "opt":
+argparse.Namespace, "epoch", "best_rsum", "Eiters"}`` with plain ``torch.save``.
+The Namespace makes it a general pickle, so it is read with torch's
+weights-only unpickler admitting exactly one extra class, `argparse.Namespace`:
+a file whose pickle names anything else (``os.system`` …) is refused before
+anything in it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from matching import checkpoint
+from matching.checkpoint import CheckpointError
+from matching.config import Config, ModelConfig
+from matching.model import build_model
+from matching.text import Vocabulary
+
+# SGRAF name (regex on the key inside its state dict) → our name; \1 carries indices.
+_KEY_MAP = {
+    0: [(r"fc\.(weight|bias)", r"image_encoder.fc.\1")],
+    1: [(r"embed\.weight", r"text_encoder.embed.weight"),
+        (r"cap_rnn\.(.+)", r"text_encoder.gru.\1")],
+    2: [(r"v_global_w\.embedding_local\.([01])\.(.+)", r"image_encoder.pool.local_proj.\1.\2"),
+        (r"v_global_w\.embedding_global\.([01])\.(.+)", r"image_encoder.pool.global_proj.\1.\2"),
+        (r"v_global_w\.embedding_common\.0\.(.+)", r"image_encoder.pool.score.\1"),
+        (r"t_global_w\.embedding_local\.0\.(.+)", r"text_encoder.pool.local_proj.0.\1"),
+        (r"t_global_w\.embedding_global\.0\.(.+)", r"text_encoder.pool.global_proj.0.\1"),
+        (r"t_global_w\.embedding_common\.0\.(.+)", r"text_encoder.pool.score.\1"),
+        (r"sim_tranloc_w\.(weight|bias)", r"head.sim_local.proj.\1"),
+        (r"sim_tranglo_w\.(weight|bias)", r"head.sim_global.proj.\1"),
+        (r"sim_eval_w\.(weight|bias)", r"head.score.\1"),
+        (r"SGR_module\.(\d+)\.graph_query_w\.(weight|bias)", r"head.reasoning.\1.query.\2"),
+        (r"SGR_module\.(\d+)\.graph_key_w\.(weight|bias)", r"head.reasoning.\1.key.\2"),
+        (r"SGR_module\.(\d+)\.sim_graph_w\.(weight|bias)", r"head.reasoning.\1.update.\2")],
+}
+_PARTS = ("img_enc", "txt_enc", "sim_enc")
+
+
+def read_sgraf(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an SGRAF checkpoint with the restricted unpickler; CheckpointError if refused or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such SGRAF checkpoint")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: refused: its pickle names objects an SGRAF checkpoint does not "
+                              f"hold, so it was not loaded ({checkpoint._first_line(error)})") from None
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({checkpoint._first_line(error)})") from None
+    if not isinstance(payload, dict) or "model" not in payload or "opt" not in payload:
+        raise CheckpointError(f"{path}: not an SGRAF checkpoint (expected keys 'model' and 'opt')")
+    model = payload["model"]
+    if not isinstance(model, (list, tuple)) or len(model) != 3 or not all(isinstance(p, dict) for p in model):
+        raise CheckpointError(f"{path}: 'model' should be [img_enc, txt_enc, sim_enc] state dicts")
+    if not isinstance(payload["opt"], argparse.Namespace):
+        raise CheckpointError(f"{path}: 'opt' is a {type(payload['opt']).__name__}, not SGRAF's Namespace")
+    return payload
+
+
+def sgraf_config(opt: argparse.Namespace, parts: list[dict[str, torch.Tensor]], source: str) -> ModelConfig:
+    """Our ModelConfig for an SGRAF SGR checkpoint: its options, shapes taken from the weights."""
+    module = str(getattr(opt, "module_name", "SGR"))
+    if module != "SGR":
+        raise CheckpointError(f"{source}: an SGRAF {module} checkpoint; only SGR checkpoints can be imported "
+                              "(tshsr-pipe has no SAF module)")
+    embed = parts[1].get("embed.weight")
+    bn = parts[2].get("v_global_w.embedding_local.1.weight")
+    if embed is None or bn is None:
+        raise CheckpointError(f"{source}: missing txt_enc 'embed.weight' or sim_enc "
+                              "'v_global_w.embedding_local.1.weight'")
+    steps = sum(1 for key in parts[2] if re.fullmatch(r"SGR_module\.\d+\.graph_query_w\.weight", key))
+    return ModelConfig.sgraf_sgr(
+        vocab_size=int(embed.shape[0]), word_dim=int(embed.shape[1]),
+        img_dim=int(parts[0]["fc.weight"].shape[1]) if "fc.weight" in parts[0] else int(opt.img_dim),
+        embed_size=int(getattr(opt, "embed_size", 1024)), sim_dim=int(getattr(opt, "sim_dim", 256)),
+        num_regions=int(bn.shape[0]), gru_layers=int(getattr(opt, "num_layers", 1)),
+        bidirectional=bool(getattr(opt, "bi_gru", True)),
+        normalize_images=not bool(getattr(opt, "no_imgnorm", False)),
+        normalize_text=not bool(getattr(opt, "no_txtnorm", False)),
+        reasoning_steps=steps)
+
+
+def convert_state(parts: list[dict[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:
+    """SGRAF's three state dicts → our state dict; every key must map."""
+    state: dict[str, torch.Tensor] = {}
+    unknown = []
+    for number, part in enumerate(parts):
+        for key, value in part.items():
+            for pattern, replacement in _KEY_MAP[number]:
+                if re.fullmatch(pattern, key):
+                    state[re.sub(pattern, replacement, key)] = value
+                    break
+            else:
+                unknown.append(f"{_PARTS[number]}.{key}")
+    if unknown:
+        raise CheckpointError(f"{source}: keys not in SGRAF's SGR model: {', '.join(unknown[:8])}"
+                              + (" …" if len(unknown) > 8 else ""))
+    return state
+
+
+def import_sgraf(path: str | os.PathLike, vocab_path: str | os.PathLike,
+                 out: str | os.PathLike) -> tuple[Path, Config]:
+    """Convert an SGRAF SGR checkpoint plus its vocabulary JSON into our checkpoint at `out`."""
+    source = str(path)
+    payload = read_sgraf(path)
+    parts = list(payload["model"])
+    model_config = sgraf_config(payload["opt"], parts, source)
+    vocab = Vocabulary.load(vocab_path)
+    if len(vocab) != model_config.vocab_size:
+        raise CheckpointError(f"{vocab_path}: {len(vocab)} words, but {source} embeds "
+                              f"{model_config.vocab_size}; use the vocabulary the model was trained with")
+    opt = payload["opt"]
+    config = Config(model=model_config)
+    config.train.margin = float(getattr(opt, "margin", config.train.margin))
+    config.train.learning_rate = float(getattr(opt, "learning_rate", config.train.learning_rate))
+    config.train.batch_size = int(getattr(opt, "batch_size", config.train.batch_size))
+    config.train.grad_clip = float(getattr(opt, "grad_clip", config.train.grad_clip))
+    model = build_model(model_config)
+    state = convert_state(parts, source)
+    # Checkpoints from torch < 0.4.1 have no BatchNorm step counters; they are unused in eval.
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(value)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{source}: weights do not fit SGRAF's SGR layout "
+                              f"({checkpoint._first_line(error)})") from None
+    extra = {"imported_from": {"kind": "sgraf", "file": os.path.basename(source),
+                               "epoch": int(payload.get("epoch", 0) or 0),
+                               "best_rsum": float(payload.get("best_rsum", 0.0) or 0.0)}}
+    return checkpoint.save(out, model, config, vocab, **extra), config

@@ -1,0 +1,107 @@
+"""Tokenisation and the vocabulary (DESIGN §4).
+
+Captions are lower-cased and split by nltk's `NLTKWordTokenizer`, the
+tokenizer that `nltk.word_tokenize(text, preserve_line=True)` runs; unlike
+plain `word_tokenize` it needs no punkt data, so nothing is downloaded.
+Each caption is wrapped in <start> … <end>, which count toward its length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from nltk.tokenize import NLTKWordTokenizer
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+_TOKENIZER = NLTKWordTokenizer()
+
+
+class VocabularyError(ValueError):
+    """A vocabulary file is malformed or does not fit; the message names the file."""
+
+
+def tokenize(caption: str) -> list[str]:
+    """Lower-case word tokens of a caption ("A dog's toy." → ["a", "dog", "'s", "toy", "."])."""
+    return _TOKENIZER.tokenize(caption.lower())
+
+
+class Vocabulary:
+    """Word ↔ index, with <pad>=0, <start>=1, <end>=2, <unk>=3; SGRAF's JSON layout on disk."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        if tuple(words[:4]) != SPECIALS:
+            raise VocabularyError(f"a vocabulary starts with {', '.join(SPECIALS)}, not {list(words[:4])}")
+        self.words = list(words)
+        self.word2idx = {word: index for index, word in enumerate(self.words)}
+        if len(self.word2idx) != len(self.words):
+            raise VocabularyError("the vocabulary lists a word twice")
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.words == other.words
+
+    def __call__(self, word: str) -> int:
+        return self.word2idx.get(word, 3)
+
+    def encode(self, caption: str) -> list[int]:
+        """Token ids of a caption: [<start>, words…, <end>]; unknown words map to <unk>."""
+        return [1, *(self(token) for token in tokenize(caption)), 2]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return [self.words[i] if 0 <= i < len(self.words) else UNK for i in ids]
+
+    @classmethod
+    def build(cls, captions: Iterable[str], threshold: int = 4) -> Vocabulary:
+        """Every word occurring at least `threshold` times, most frequent first (ties alphabetical)."""
+        counts = Counter(token for caption in captions for token in tokenize(caption))
+        kept = sorted((w for w, n in counts.items() if n >= threshold and w not in SPECIALS),
+                      key=lambda w: (-counts[w], w))
+        return cls([*SPECIALS, *kept])
+
+    def to_json(self) -> dict:
+        """SGRAF's layout: word2idx, idx2word (string keys) and idx (the size)."""
+        return {"word2idx": dict(self.word2idx),
+                "idx2word": {str(i): w for i, w in enumerate(self.words)},
+                "idx": len(self.words)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(self.to_json()), encoding="utf-8")
+        os.replace(tmp, target)
+
+    @classmethod
+    def from_json(cls, payload: object, source: str = "vocabulary") -> Vocabulary:
+        """Read SGRAF's layout (their shipped coco/f30k vocab files load as they are)."""
+        try:
+            idx2word = payload["idx2word"]  # type: ignore[index]
+            word2idx = payload["word2idx"]  # type: ignore[index]
+            size = len(idx2word)
+            words = [idx2word[str(i)] for i in range(size)]
+        except (KeyError, TypeError) as error:
+            raise VocabularyError(f"{source}: not a vocabulary file (needs word2idx and idx2word with "
+                                  f"keys 0..n-1; missing {error})") from None
+        for word, index in word2idx.items():
+            if not isinstance(index, int) or index >= size or words[index] != word:
+                raise VocabularyError(f"{source}: word2idx[{word!r}] = {index!r} disagrees with idx2word")
+        try:
+            return cls(words)
+        except VocabularyError as error:
+            raise VocabularyError(f"{source}: {error}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Vocabulary:
+        try:
+            payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise VocabularyError(f"{path}: no such vocabulary file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise VocabularyError(f"{path}: unreadable vocabulary ({error})") from None
+        return cls.from_json(payload, str(path))

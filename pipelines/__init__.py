@@ -1,0 +1,1 @@
+"""The `tshsr-pipe` command line: thin click commands over `extract` and `matching`."""

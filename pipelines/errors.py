@@ -1,0 +1,47 @@
+"""User mistakes become one line on stderr and exit code 2; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UserError(click.ClickException):
+    """Printed as ``Error: message`` with exit code 2."""
+
+    exit_code = 2
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The library's error classes that describe bad input rather than a bug."""
+    from extract.shards import ShardFormatError
+    from matching.captions import CaptionFormatError
+    from matching.checkpoint import CheckpointError
+    from matching.config import ConfigError
+    from matching.text import VocabularyError
+
+    return (ShardFormatError, CaptionFormatError, CheckpointError, ConfigError, VocabularyError,
+            FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def user_errors(command: F) -> F:
+    """Decorator for click commands: known input errors → UserError (one line, exit 2)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except user_error_types() as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if isinstance(error, OSError) and error.filename:
+                message = f"{error.filename}: {error.strerror}"
+            raise UserError(message) from None
+
+    return wrapper  # type: ignore[return-value]
