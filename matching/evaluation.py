@@ -98,6 +98,22 @@ def fold_metrics(sims: np.ndarray, fold_images: int, captions_per_image: int = 5
     return {**mean, "folds": folds}
 
 
+def protocol_names(n_images: int, protocol: str) -> list[str]:
+    """The protocols a request resolves to for `n_images` test images; ValueError if it cannot apply.
+
+    Called before scoring, so a mismatch is reported before any work is done.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    expected = {"coco1k": COCO_TEST_IMAGES, "coco5k": COCO_TEST_IMAGES, "f30k": F30K_TEST_IMAGES}
+    if protocol in expected and n_images != expected[protocol]:
+        raise ValueError(f"protocol {protocol} needs {expected[protocol]} test images, "
+                         f"the split has {n_images}; use --protocol full")
+    if protocol == "all":
+        return {COCO_TEST_IMAGES: ["coco1k", "coco5k"], F30K_TEST_IMAGES: ["f30k"]}.get(n_images, ["full"])
+    return [protocol]
+
+
 def evaluate_protocol(sims: np.ndarray, protocol: str = "all",
                       captions_per_image: int = 5) -> dict[str, dict[str, Any]]:
     """Metrics under a named protocol: {protocol name: metrics}.
@@ -110,19 +126,8 @@ def evaluate_protocol(sims: np.ndarray, protocol: str = "all",
       f30k for 1000, else full).
     """
     sims = _check(sims, captions_per_image)
-    n = sims.shape[0]
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    expected = {"coco1k": COCO_TEST_IMAGES, "coco5k": COCO_TEST_IMAGES, "f30k": F30K_TEST_IMAGES}
-    if protocol in expected and n != expected[protocol]:
-        raise ValueError(f"protocol {protocol} needs {expected[protocol]} test images, "
-                         f"the split has {n}; use --protocol full")
-    if protocol == "all":
-        names = {COCO_TEST_IMAGES: ["coco1k", "coco5k"], F30K_TEST_IMAGES: ["f30k"]}.get(n, ["full"])
-    else:
-        names = [protocol]
     results: dict[str, dict[str, Any]] = {}
-    for name in names:
+    for name in protocol_names(sims.shape[0], protocol):
         if name == "coco1k":
             results[name] = fold_metrics(sims, COCO_FOLD_IMAGES, captions_per_image)
         else:

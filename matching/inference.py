@@ -11,7 +11,7 @@ import numpy as np
 from extract.shards import FeatureStore, ShardFormatError
 from matching import checkpoint
 from matching.captions import evaluation_set, read_captions
-from matching.evaluation import evaluate_protocol
+from matching.evaluation import evaluate_protocol, protocol_names
 from matching.scoring import StoreImages, score_matrix
 from matching.text import Vocabulary, VocabularyError
 
@@ -65,6 +65,7 @@ def evaluate_checkpoint(
     store = FeatureStore(features)
     check_features(store, config.model.img_dim, config.model.num_regions)
     image_ids, ordered = evaluation_set(read_captions(captions, split), store.image_ids, captions_per_image)
+    protocol_names(len(image_ids), protocol)  # fail before scoring
     tokens = [vocab.encode(c.text) for c in ordered]
     sims = score_matrix(model, StoreImages(store, image_ids), tokens, device=device,
                         batch_size=batch_size, memory_budget=memory_budget, progress=progress)

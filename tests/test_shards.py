@@ -1,0 +1,124 @@
+"""The shard contract (DESIGN §3): layout, atomic commits, manifest, lookup by id, recovery after kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import h5py
+import numpy as np
+import pytest
+
+from extract.shards import (
+    FeatureStore,
+    RegionRecord,
+    ShardFormatError,
+    ShardWriter,
+    adopt_orphan_shards,
+    read_manifest,
+    remove_stale_partials,
+    sha256_file,
+)
+
+
+def record(image_id: str, k: int, dim: int = 8, seed: int = 0) -> RegionRecord:
+    rng = np.random.default_rng(seed)
+    return RegionRecord(image_id, rng.normal(size=(k, dim)).astype(np.float32),
+                        rng.uniform(0, 50, size=(k, 4)).astype(np.float32), (60, 80),
+                        object_ids=np.arange(k), object_scores=np.full(k, 0.5),
+                        attr_ids=np.arange(k), attr_scores=np.full(k, 0.25))
+
+
+def test_layout_matches_the_contract(tmp_path):
+    writer = ShardWriter(tmp_path, max_boxes=5, feature_dim=8, extractor={"model": "test"})
+    writer.add(record("a/x.jpg", 5))
+    writer.add(record("b.png", 3, seed=1))
+    name = writer.commit(failed=[{"path": "bad.jpg", "reason": "truncated"}], settings={"top_k": 5})
+    assert name == "shard-00000.h5"
+    with h5py.File(tmp_path / name) as handle:
+        assert handle["image_ids"].asstr()[:].tolist() == ["a/x.jpg", "b.png"]
+        assert handle["features"].dtype == np.float16 and handle["features"].shape == (2, 5, 8)
+        assert handle["boxes"].dtype == np.float32 and handle["num_boxes"].dtype == np.int16
+        assert handle["num_boxes"][:].tolist() == [5, 3]
+        assert handle["image_size"][:].tolist() == [[60, 80], [60, 80]]
+        assert not handle["features"][1, 3:].any() and not handle["boxes"][1, 3:].any()
+        assert handle["object_ids"].shape == (2, 5) and handle.attrs["format_version"] == 1
+        assert json.loads(handle.attrs["extractor"]) == {"model": "test"}
+    manifest = read_manifest(tmp_path)
+    assert manifest.num_images == 2 and manifest.settings == {"top_k": 5}
+    assert manifest.shards[0].sha256 == sha256_file(tmp_path / name)
+    assert manifest.failed == [{"path": "bad.jpg", "reason": "truncated"}]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_store_looks_up_ids_across_shards_and_caches_the_index(tmp_path):
+    for part in (["i0", "i1"], ["i2"]):
+        writer = ShardWriter(tmp_path, max_boxes=4, feature_dim=8, dtype="float32")
+        for n, image_id in enumerate(part):
+            writer.add(record(image_id, 2 + n, seed=int(image_id[1])))
+        writer.commit()
+    store = FeatureStore(tmp_path)
+    assert store.image_ids == ["i0", "i1", "i2"] and len(store) == 3 and "i2" in store
+    features, boxes, k, size = store.get("i2")
+    np.testing.assert_array_equal(features, record("i2", 2, seed=2).features)
+    assert (k, size) == (2, (60, 80)) and store.locate("i2") == ("shard-00001.h5", 0)
+    batch = store.batch(["i2", "i0"])
+    assert batch.features.shape == (2, 4, 8) and batch.num_boxes.tolist() == [2, 2]
+    assert (tmp_path / "index.json").exists()
+    assert FeatureStore(tmp_path).image_ids == store.image_ids  # from the cache
+    assert store.verify() == []
+    with pytest.raises(KeyError, match="'nope' is not in"):
+        store.get("nope")
+
+
+def test_duplicate_ids_and_corruption_are_reported(tmp_path):
+    for _ in range(2):
+        writer = ShardWriter(tmp_path, max_boxes=2, feature_dim=8)
+        writer.add(record("same", 2))
+        writer.commit()
+    with pytest.raises(ShardFormatError, match="'same' also in shard-00000.h5"):
+        FeatureStore(tmp_path)
+    (tmp_path / "shard-00001.h5").unlink()
+    with pytest.raises(ShardFormatError, match="shard-00001.h5: shard listed in the manifest is missing"):
+        FeatureStore(tmp_path)
+
+
+def test_checksum_mismatch_is_found_by_verify(tmp_path):
+    writer = ShardWriter(tmp_path, max_boxes=2, feature_dim=8)
+    writer.add(record("a", 2))
+    writer.commit()
+    with h5py.File(tmp_path / "shard-00000.h5", "r+") as handle:
+        handle["features"][0, 0, 0] = 42
+    problems = FeatureStore(tmp_path).verify()
+    assert len(problems) == 1 and "does not match the manifest" in problems[0]
+
+
+def test_missing_and_foreign_manifests(tmp_path):
+    with pytest.raises(ShardFormatError, match="no such feature directory"):
+        read_manifest(tmp_path / "nothing")
+    with pytest.raises(ShardFormatError, match="manifest.json: missing"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ShardFormatError, match="newer than this tshsr-pipe reads"):
+        read_manifest(tmp_path)
+
+
+def test_recovery_after_a_kill_between_rename_and_manifest_update(tmp_path):
+    writer = ShardWriter(tmp_path, max_boxes=2, feature_dim=8)
+    writer.add(record("a", 2))
+    writer.commit()
+    # A killed run: a complete shard renamed but not yet in the manifest, a torn one, and partial files.
+    writer = ShardWriter(tmp_path, max_boxes=2, feature_dim=8)
+    writer.add(record("b", 1))
+    writer._write(tmp_path / "shard-00001.h5")
+    (tmp_path / "shard-00002.h5").write_bytes(b"\x89HDF torn")
+    host = socket.gethostname()
+    (tmp_path / f"shard~{host}~999999999~1.h5.partial").write_bytes(b"dead writer")
+    (tmp_path / f"shard~{host}~{os.getpid()}~1.h5.partial").write_bytes(b"live writer")
+    (tmp_path / "shard~elsewhere~1~1.h5.partial").write_bytes(b"another machine")
+    removed = {p.name for p in remove_stale_partials(tmp_path)}
+    assert removed == {f"shard~{host}~999999999~1.h5.partial"}
+    assert adopt_orphan_shards(tmp_path) == ["shard-00001.h5"]
+    assert not (tmp_path / "shard-00002.h5").exists()
+    assert FeatureStore(tmp_path).image_ids == ["a", "b"]
