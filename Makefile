@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tshsr-pipe demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check extract matching pipelines tests benchmarks
+	$(PY) -m ruff check .
 
 test: lint
 	$(PY) -m pytest -q

@@ -327,8 +327,12 @@ class ShardWriter:
             ShardWriter._sequence += 1
             partial = self.directory / (
                 f"shard~{socket.gethostname()}~{os.getpid()}~{ShardWriter._sequence}.h5.partial")
-            self._write(partial)
-            digest = sha256_file(partial)
+            try:
+                self._write(partial)
+                digest = sha256_file(partial)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
         with locked_manifest(self.directory) as manifest:
             if settings and not manifest.settings:
                 manifest.settings = dict(settings)
@@ -401,6 +405,15 @@ class FeatureStore:
         first = self._handle(self.manifest.shards[0].name)
         self.max_boxes = int(first["features"].shape[1])
         self.feature_dim = int(first["features"].shape[2])
+        self.dtype = np.dtype(first["features"].dtype)  # float16 or float32, as written
+
+    @staticmethod
+    def has_images(directory: str | os.PathLike) -> bool:
+        """True when `directory` has a manifest listing at least one shard."""
+        try:
+            return bool(read_manifest(directory).shards)
+        except ShardFormatError:
+            return False
 
     # The index maps every image id to (shard number, row).
     def _load_index(self) -> dict[str, tuple[int, int]]:

@@ -140,6 +140,40 @@ def vocab(captions: Path, out: Path, threshold: int, splits: tuple[str, ...]) ->
     click.echo(f"{len(built)} words (threshold {threshold}, {len(selected)} captions) written to {out}")
 
 
+@cli.command("import-precomp")
+@click.argument("data_dir", type=EXISTING_DIR)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Feature directory to write (shards, manifest.json and captions.jsonl).")
+@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "dev", "test", "testall"]),
+              help="Splits to import (repeat for several) [default: every {split}_ims.npy found].")
+@click.option("--captions-per-image", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Images per shard.")
+@click.option("--float32", "float32", is_flag=True, help="Keep float32 features (default float16).")
+@user_errors
+def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_per_image: int,
+                   shard_size: int, float32: bool) -> None:
+    """Convert SCAN/SGRAF precomputed features ({split}_ims.npy + {split}_caps.txt) into shards.
+
+    The .npy files are memory-mapped and copied shard by shard, so large
+    splits convert without being loaded whole. A rerun skips images already
+    converted. The captions are written to OUT/captions.jsonl with their
+    split (dev becomes val; use --split testall with --protocol coco1k/coco5k
+    for the MSCOCO 5K test set).
+    """
+    from tqdm import tqdm
+
+    from matching.precomp import CAPTIONS_FILE
+    from matching.precomp import import_precomp as convert
+
+    with tqdm(desc="importing", unit="img", dynamic_ncols=True) as bar:
+        counts = convert(data_dir, out, splits=splits or None, captions_per_image=captions_per_image,
+                         shard_size=shard_size, dtype="float32" if float32 else "float16", on_images=bar.update)
+    for split, n in counts.items():
+        click.echo(f"{split}: {n} images")
+    click.echo(f"features in {out}, captions in {out / CAPTIONS_FILE}")
+
+
 def main() -> None:
     cli(prog_name="tshsr-pipe")
 
