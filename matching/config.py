@@ -93,10 +93,26 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2  # DataLoader worker processes
     features_in_memory: bool = False  # keep all region features in RAM
-    mixed_precision: bool = False  # autocast to bfloat16/float16 on GPU
+    mixed_precision: bool = False  # autocast to bfloat16 on GPU
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
-    validate_every: int = 1  # epochs between validations
+    captions_per_image: int = 5  # captions per validation image
+    val_images: int = 1000  # validate on the first N images of the val split (0 = all), as SGRAF does
+    checkpoint_every: int = 500  # steps between mid-epoch checkpoints (0 = only at epoch ends)
     log_every: int = 50  # steps between log lines
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError on a value no run can use; returns self."""
+        positive = ("learning_rate", "epochs", "batch_size", "captions_per_image")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, not {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ConfigError("train.batch_size must be at least 2: the loss needs negatives in the batch")
+        for name in ("margin", "warmup_epochs", "lr_decay_epoch", "lr_decay", "grad_clip", "workers",
+                     "val_images", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must not be negative, not {getattr(self, name)}")
+        return self
 
 
 # Named models of the paper's tables (README "Variants"); each is a set of ModelConfig overrides.
@@ -127,7 +143,14 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}; expected model, train")
         return cls(model=_build(ModelConfig, payload.get("model", {}), "model").validate(),
-                   train=_build(TrainConfig, payload.get("train", {}), "train"))
+                   train=_build(TrainConfig, payload.get("train", {}), "train").validate())
+
+    def updated(self, model: dict[str, Any] | None = None, train: dict[str, Any] | None = None) -> Config:
+        """A copy with some fields replaced (checked like a config file)."""
+        payload = self.to_dict()
+        payload["model"].update(model or {})
+        payload["train"].update(train or {})
+        return Config.from_dict(payload)
 
 
 def _build(kind: type, values: dict[str, Any], section: str) -> Any:
@@ -160,3 +183,57 @@ def _build(kind: type, values: dict[str, Any], section: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{section}.{name} = {value!r} is not a valid {target.__name__}") from None
     return kind(**coerced)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A YAML (or JSON) config file as plain data: {"model": {...}, "train": {...}}, either section optional."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            payload = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: unreadable config ({str(error).splitlines()[0]})") from None
+    if not isinstance(payload, dict):
+        raise ConfigError(f"{path}: a config file is a mapping with 'model' and/or 'train' sections")
+    return payload
+
+
+def resolve_config(*, preset: str | None = None, config_file: str | None = None, variant: str | None = None,
+                   overrides: dict[str, Any] | None = None, sets: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the run's Config: defaults < preset < config file < variant < overrides < ``--set section.key=value``.
+
+    `overrides` maps "model.embed_size"-style names to values (None values are ignored).
+    """
+    payload: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        payload["train"].update(PRESETS[preset])
+    if config_file:
+        loaded = load_config_file(config_file)
+        unknown = set(loaded) - {"model", "train"}
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown section(s) {', '.join(sorted(unknown))}; expected model, train")
+        for section in ("model", "train"):
+            if not isinstance(loaded.get(section, {}), dict):
+                raise ConfigError(f"{config_file}: section {section!r} must be a mapping")
+            payload[section].update(loaded.get(section) or {})
+    if variant:
+        if variant not in VARIANTS:
+            raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        payload["model"].update(VARIANTS[variant])
+    dotted = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. model.lambda_i2t=4")
+        key, value = item.split("=", 1)
+        dotted[key.strip()] = value.strip()
+    for key, value in dotted.items():
+        section, _, name = key.partition(".")
+        if section not in payload or not name:
+            raise ConfigError(f"{key!r}: expected model.<field> or train.<field>")
+        payload[section][name] = value
+    return Config.from_dict(payload)

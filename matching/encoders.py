@@ -10,8 +10,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """x / (‖x‖₂ + eps) along `dim` (the reference code's form, so SGRAF weights give SGRAF's numbers)."""
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+    """x / (‖x‖₂ + eps) along `dim` (the reference code's form, so SGRAF weights give SGRAF's numbers).
+
+    `vector_norm` has a zero gradient at x = 0, where sqrt(Σx²) has an infinite one:
+    padded (all-zero) positions must not turn the gradients into NaN.
+    """
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
 
 
 def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:

@@ -174,6 +174,93 @@ def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_
     click.echo(f"features in {out}, captions in {out / CAPTIONS_FILE}")
 
 
+@cli.command()
+@click.option("--features", type=EXISTING_DIR, required=True, help="Feature directory (shards + manifest.json).")
+@click.option("--captions", type=EXISTING_FILE, required=True,
+              help="Captions with their splits: Karpathy JSON, TSV or JSONL.")
+@click.option("--vocab", "vocab_path", type=EXISTING_FILE, required=True, help="vocab.json from `tshsr-pipe vocab`.")
+@click.option("--name", help="Run name: the run goes to RUNS/NAME [default: the variant and the time].")
+@click.option("--runs", "runs_dir", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory holding the runs.")
+@click.option("--resume", is_flag=True, help="Continue the run RUNS/NAME where it stopped (its saved config is used).")
+@click.option("--config", "config_file", type=EXISTING_FILE, help="YAML file with model: and train: sections.")
+@click.option("--preset", type=click.Choice(["coco", "f30k"]),
+              help="The paper's schedule: coco = 20 epochs, decay at 10; f30k = 40 epochs, decay at 30.")
+@click.option("--variant", type=click.Choice(["tshsr", "hsr", "hsr-t2i", "sgr"]),
+              help="Model of the paper's tables [default: tshsr]; see README 'Variants'.")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=2))
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Adam learning rate [default: 2e-4].")
+@click.option("--embed-size", type=click.IntRange(min=1), help="d, the joint embedding size [default: 1024].")
+@click.option("--sim-dim", type=click.IntRange(min=1), help="m, the similarity vector size [default: 256].")
+@click.option("--word-dim", type=click.IntRange(min=1), help="Word embedding size [default: 300].")
+@click.option("--steps", type=click.IntRange(min=0), help="M, the number of reasoning layers [default: 3].")
+@click.option("--warmup-epochs", type=click.IntRange(min=0),
+              help="Epochs summing the hinge over all negatives before the hardest-negative loss; "
+                   "1 keeps small datasets from collapsing.")
+@click.option("--seed", type=int)
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes [default: 2].")
+@click.option("--in-memory", is_flag=True, default=None, help="Keep all region features in RAM.")
+@click.option("--mixed-precision", is_flag=True, default=None, help="bfloat16 autocast on GPU.")
+@click.option("--tf32", is_flag=True, default=None, help="Allow TF32 matmuls on GPU.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Any config field, e.g. --set model.lambda_i2t=4 --set train.lr_decay_epoch=15.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--val-split", default="val", show_default=True, help="Split validated after each epoch ('' = none).")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many steps, saving a checkpoint.")
+@user_errors
+def train(features: Path, captions: Path, vocab_path: Path, name: str | None, runs_dir: Path, resume: bool,
+          config_file: Path | None, preset: str | None, variant: str | None, epochs: int | None,
+          batch_size: int | None, lr: float | None, embed_size: int | None, sim_dim: int | None,
+          word_dim: int | None, steps: int | None, warmup_epochs: int | None, seed: int | None,
+          workers: int | None, in_memory: bool | None, mixed_precision: bool | None, tf32: bool | None,
+          sets: tuple[str, ...], device: str, train_split: str, val_split: str, max_steps: int | None) -> None:
+    """Train a matching model: FEATURES + CAPTIONS + VOCAB → RUNS/NAME.
+
+    The paper's recipe is the default (Adam 2e-4, batch 128, gradient clipping 2,
+    hardest negatives, margin 0.2). The run directory gets config.yaml,
+    checkpoint_last.pt (resume point, also written every 500 steps and on
+    Ctrl-C), model_best.pt (best validation rsum), metrics.csv, train.log and
+    TensorBoard events.
+    """
+    import time
+
+    from matching.config import resolve_config
+    from matching.training import RunError
+    from matching.training import train as run_training
+
+    if resume and not name:
+        raise UserError("--resume needs --name (the run to continue)")
+    config = resolve_config(
+        preset=preset, config_file=str(config_file) if config_file else None, variant=variant, sets=sets,
+        overrides={"train.epochs": epochs, "train.batch_size": batch_size, "train.learning_rate": lr,
+                   "model.embed_size": embed_size, "model.sim_dim": sim_dim, "model.word_dim": word_dim,
+                   "model.reasoning_steps": steps, "train.warmup_epochs": warmup_epochs, "train.seed": seed,
+                   "train.workers": workers, "train.features_in_memory": in_memory,
+                   "train.mixed_precision": mixed_precision, "train.allow_tf32": tf32})
+    name = name or f"{variant or 'tshsr'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = runs_dir / name
+    log_path = run_dir / "train.log"
+
+    def log(line: str) -> None:
+        click.echo(line)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    try:
+        result = run_training(config, features=features, captions=captions, vocab_path=vocab_path,
+                              run_dir=run_dir, resume=resume, device=device, train_split=train_split,
+                              val_split=val_split or None, max_steps=max_steps, log=log)
+    except RunError as error:
+        raise UserError(str(error)) from None
+    if not result.interrupted:
+        best = f"best rsum {result.best_rsum:.1f} at epoch {result.best_epoch}" if result.best_rsum >= 0 else ""
+        log(f"done: {result.epochs_done} epochs, {result.global_step} steps; {best}; "
+            f"model in {run_dir / 'model_best.pt'}")
+
+
 def main() -> None:
     cli(prog_name="tshsr-pipe")
 
