@@ -25,16 +25,23 @@ def clipped_cosines(regions: Tensor, words: Tensor, clip: str = "leaky_relu") ->
     return nn.functional.leaky_relu(cosines, 0.1)
 
 
+def region_attention(cosines: Tensor, region_mask: Tensor, word_mask: Tensor, lam: float) -> Tensor:
+    """Eq. 2's weights α_ij: cosines (Bi, Bc, K, L) clipped → (Bi, Bc, L, K), a softmax over regions.
+
+    c̄ is normalised over the words of the caption before the softmax.
+    """
+    cosines = cosines * word_mask[None, :, None, :]  # padded words out of the norm
+    normed = l2norm(cosines, dim=3)  # (Bi, Bc, K, L)
+    return masked_softmax(lam * normed.transpose(2, 3), region_mask[:, None, None, :])
+
+
 def attend_regions(cosines: Tensor, regions: Tensor, region_mask: Tensor, word_mask: Tensor,
                    lam: float) -> Tensor:
     """Eq. 2: for each word j the attended image vector α_j^v = Σ_i α_ij v_i, l2-normalised.
 
     cosines (Bi, Bc, K, L) clipped; regions (Bi, K, d); masks (Bi, K), (Bc, L) → (Bi, Bc, L, d).
-    c̄ is normalised over the words of the caption; α is a softmax over the regions.
     """
-    cosines = cosines * word_mask[None, :, None, :]  # padded words out of the norm
-    normed = l2norm(cosines, dim=3)  # (Bi, Bc, K, L)
-    alpha = masked_softmax(lam * normed.transpose(2, 3), region_mask[:, None, None, :])  # (Bi, Bc, L, K)
+    alpha = region_attention(cosines, region_mask, word_mask, lam)  # (Bi, Bc, L, K)
     return l2norm(torch.einsum("iclk,ikd->icld", alpha, regions))
 
 

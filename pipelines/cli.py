@@ -261,6 +261,66 @@ def train(features: Path, captions: Path, vocab_path: Path, name: str | None, ru
             f"model in {run_dir / 'model_best.pt'}")
 
 
+@cli.command()
+@click.argument("query", required=False)
+@click.option("--checkpoint", "checkpoint_path", type=EXISTING_FILE, required=True, help="A tshsr-pipe checkpoint.")
+@click.option("--features", type=EXISTING_DIR, required=True, help="The gallery's feature directory.")
+@click.option("-k", "top_k", default=10, show_default=True, type=click.IntRange(min=1), help="How many results.")
+@click.option("--image", "image_id", help="Rank captions for this image id instead of images for a text.")
+@click.option("--captions", type=EXISTING_FILE,
+              help="Caption gallery for --image (Karpathy JSON, TSV, JSONL); also limits a text search "
+                   "to the images of --split.")
+@click.option("--split", help="Only this split of --captions.")
+@click.option("--images", "images_dir", type=EXISTING_DIR,
+              help="Directory of the image files (as extracted), to show them in --html.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a page with the results and the attended boxes.")
+@click.option("--device", default="cpu", show_default=True)
+@user_errors
+def search(query: str | None, checkpoint_path: Path, features: Path, top_k: int, image_id: str | None,
+           captions: Path | None, split: str | None, images_dir: Path | None, html_path: Path | None,
+           device: str) -> None:
+    """Rank the gallery's images for a text QUERY, or captions for an --image.
+
+    \b
+      tshsr-pipe search --checkpoint runs/coco/model_best.pt --features features/ "a man riding a horse"
+      tshsr-pipe search --checkpoint ... --features ... --image COCO_val2014_000000391895.jpg --captions c.json
+    """
+    from extract.shards import FeatureStore
+    from matching import checkpoint
+    from matching.captions import read_captions, resolve_image_ids
+    from matching.inference import QueryError, search_captions, search_images
+    from pipelines.search_page import write_search_page
+
+    if (query is None) == (image_id is None):
+        raise UserError("give either a text QUERY or --image ID")
+    if image_id is not None and captions is None:
+        raise UserError("--image needs --captions: the captions to rank")
+    model, _, vocab = checkpoint.load(checkpoint_path, map_location=device)
+    store = FeatureStore(features)
+    try:
+        if query is not None:
+            gallery = None
+            if captions is not None:
+                wanted = {c.image_id for c in read_captions(captions, split)}
+                gallery = sorted(set(resolve_image_ids(wanted, store.image_ids).values()))
+            hits = search_images(model, vocab, store, query, k=top_k, image_ids=gallery, device=device,
+                                 with_regions=html_path is not None)
+            for hit in hits:
+                click.echo(f"{hit.rank:>3}. {hit.score:.4f}  {hit.item}")
+        else:
+            hits = search_captions(model, vocab, store, image_id, read_captions(captions, split), k=top_k,
+                                   device=device)
+            for hit in hits:
+                click.echo(f"{hit.rank:>3}. {hit.score:.4f}  {'✓' if hit.matches_query_image else ' '} {hit.item}")
+    except QueryError as error:
+        raise UserError(str(error)) from None
+    if html_path:
+        write_search_page(html_path, query=query or image_id or "", hits=hits, mode="text" if query else "image",
+                          images_dir=images_dir, checkpoint=str(checkpoint_path))
+        click.echo(f"page written to {html_path}")
+
+
 def main() -> None:
     cli(prog_name="tshsr-pipe")
 

@@ -23,7 +23,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
            "purple": (140, 60, 170), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 PLACES = ("left", "right", "top", "bottom", "middle")
-TEMPLATES_ONE = ("a {0}", "there is a {0}", "a picture of a {0}", "one {0} on a plain background", "a single {0}")
+TEMPLATES_ONE = ("{0}", "there is {0}", "a picture of {0}", "{0} on a plain background", "just {0}")
 TEMPLATES_MANY = ("{0} and {1}", "{0} beside {1}", "there is {0} next to {1}", "a picture with {0} and {1}",
                   "{1} together with {0}")
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
@@ -39,6 +39,11 @@ class SceneObject:
     def words(self) -> str:
         return f"{self.colour} {self.shape}"
 
+    @property
+    def named(self) -> str:
+        """The object with its article: "a red circle", "an orange star"."""
+        return f"{'an' if self.colour[0] in 'aeiou' else 'a'} {self.words}"
+
 
 @dataclass
 class Scene:
@@ -52,9 +57,9 @@ class Scene:
         for _ in range(count):
             objects = [self.objects[i] for i in rng.permutation(len(self.objects))]
             if len(objects) == 1:
-                text = TEMPLATES_ONE[rng.integers(len(TEMPLATES_ONE))].format(objects[0].words)
+                text = TEMPLATES_ONE[rng.integers(len(TEMPLATES_ONE))].format(objects[0].named)
             else:
-                named = [f"a {o.words}" + (f" on the {o.place}" if rng.random() < 0.3 else "") for o in objects]
+                named = [o.named + (f" on the {o.place}" if rng.random() < 0.3 else "") for o in objects]
                 first = ", ".join(named[:-1])
                 text = TEMPLATES_MANY[rng.integers(len(TEMPLATES_MANY))].format(first, named[-1])
             texts.append(text[0].upper() + text[1:] + ".")

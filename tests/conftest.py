@@ -66,3 +66,39 @@ def tmp_features(tmp_path):
             writer.add(RegionRecord(ids[i], features[i, :k], boxes, (20, 30)))
         writer.commit()
     return directory, ids, features, num_boxes
+
+
+SMALL_MODEL = {"embed_size": 64, "sim_dim": 32, "word_dim": 32}
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """The synthetic shapes set as features: (feature dir, captions.jsonl, vocab.json)."""
+    from matching.captions import read_captions
+    from matching.text import Vocabulary
+    from pipelines.synthetic import make_scenes, write_feature_dataset
+
+    root = tmp_path_factory.mktemp("toy")
+    features = write_feature_dataset(root / "features", make_scenes(150, seed=1), feature_dim=32, seed=1)
+    captions = features / "captions.jsonl"
+    Vocabulary.build((c.text for c in read_captions(captions, ["train", "val"])), threshold=1).save(root / "v.json")
+    return features, captions, root / "v.json"
+
+
+def toy_config(**train):
+    from matching.config import Config
+
+    return Config().updated(model=SMALL_MODEL, train={"batch_size": 24, "workers": 0, "learning_rate": 3e-3,
+                                                      "warmup_epochs": 3, "checkpoint_every": 0, **train})
+
+
+@pytest.fixture(scope="session")
+def trained_toy(toy, tmp_path_factory):
+    """A model trained on the toy set (4 epochs, ~10 s): (features, captions, vocab, model_best.pt, result)."""
+    from matching.training import train
+
+    features, captions, vocab = toy
+    run = tmp_path_factory.mktemp("trained") / "run"
+    result = train(toy_config(epochs=4, warmup_epochs=4), features=features, captions=captions, vocab_path=vocab,
+                   run_dir=run, progress=False, log=lambda line: None)
+    return features, captions, vocab, run / "model_best.pt", result

@@ -14,35 +14,15 @@ from matching.config import Config, ConfigError, resolve_config
 from matching.text import Vocabulary
 from matching.training import RunError, learning_rate, train
 from pipelines.cli import cli
-from pipelines.synthetic import make_scenes, write_feature_dataset
-
-SMALL = {"embed_size": 64, "sim_dim": 32, "word_dim": 32}
+from tests.conftest import toy_config
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    features = write_feature_dataset(root / "features", make_scenes(150, seed=1), feature_dim=32, seed=1)
-    captions = features / "captions.jsonl"
-    from matching.captions import read_captions
-
-    Vocabulary.build((c.text for c in read_captions(captions, ["train", "val"])), threshold=1).save(root / "v.json")
-    return features, captions, root / "v.json"
-
-
-def config(**train) -> Config:
-    return Config().updated(model=SMALL, train={"batch_size": 24, "workers": 0, "learning_rate": 3e-3,
-                                                "warmup_epochs": 3, "checkpoint_every": 0, **train})
-
-
-def test_a_tiny_run_learns(toy, tmp_path):
-    features, captions, vocab = toy
-    result = train(config(epochs=4, warmup_epochs=4), features=features, captions=captions, vocab_path=vocab,
-                   run_dir=tmp_path / "run", progress=False, log=lambda line: None)
+def test_a_tiny_run_learns(trained_toy):
+    *_, result = trained_toy
     first, best = result.history[0]["rsum"], result.best_rsum
     # 15 validation images: chance rsum is about 2 × (1 + 5 + 10) / 15 × 100 ≈ 215.
     assert best > 420 and best > first + 150, [row["rsum"] for row in result.history]
-    run = tmp_path / "run"
+    run = result.run_dir
     for name in ("config.yaml", "checkpoint_last.pt", "model_best.pt", "metrics.csv"):
         assert (run / name).exists(), name
     assert list(run.glob("events.out.tfevents.*"))
@@ -57,12 +37,12 @@ def test_a_tiny_run_learns(toy, tmp_path):
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(toy, tmp_path):
     features, captions, vocab = toy
     kwargs = dict(features=features, captions=captions, vocab_path=vocab, progress=False, log=lambda line: None)
-    cfg = config(epochs=2, warmup_epochs=1)  # one epoch of each loss; dropout on, so RNG state matters
+    cfg = toy_config(epochs=2, warmup_epochs=1)  # one epoch of each loss; dropout on, so RNG state matters
     whole = train(cfg, run_dir=tmp_path / "whole", **kwargs)
     steps = len(whole.losses)
     assert steps > 8
     cut = steps // 2 + 3  # a few steps into the second epoch
-    first = train(config(epochs=2, warmup_epochs=1), run_dir=tmp_path / "cut", max_steps=cut, **kwargs)
+    first = train(toy_config(epochs=2, warmup_epochs=1), run_dir=tmp_path / "cut", max_steps=cut, **kwargs)
     assert first.interrupted and first.losses == whole.losses[:cut]
     second = train(Config(), run_dir=tmp_path / "cut", resume=True, **kwargs)  # the saved config wins
     assert second.losses == whole.losses[cut:]
@@ -75,13 +55,13 @@ def test_run_directory_rules(toy, tmp_path):
     features, captions, vocab = toy
     kwargs = dict(features=features, captions=captions, vocab_path=vocab, progress=False, log=lambda line: None)
     with pytest.raises(RunError, match="nothing to resume"):
-        train(config(), run_dir=tmp_path / "none", resume=True, **kwargs)
-    train(config(epochs=1), run_dir=tmp_path / "r", max_steps=1, **kwargs)
+        train(toy_config(), run_dir=tmp_path / "none", resume=True, **kwargs)
+    train(toy_config(epochs=1), run_dir=tmp_path / "r", max_steps=1, **kwargs)
     with pytest.raises(RunError, match="a run already exists here"):
-        train(config(), run_dir=tmp_path / "r", **kwargs)
+        train(toy_config(), run_dir=tmp_path / "r", **kwargs)
     Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "zzz"]).save(tmp_path / "other.json")
     with pytest.raises(RunError, match="not the vocabulary"):
-        train(config(), run_dir=tmp_path / "r", resume=True, **{**kwargs, "vocab_path": tmp_path / "other.json"})
+        train(toy_config(), run_dir=tmp_path / "r", resume=True, **{**kwargs, "vocab_path": tmp_path / "other.json"})
 
 
 def test_collapse_is_reported_with_the_remedy(toy, tmp_path, monkeypatch):
@@ -89,7 +69,7 @@ def test_collapse_is_reported_with_the_remedy(toy, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "train_step", lambda *args: (12.8, 0.0))
     lines = []
-    train(config(epochs=1, warmup_epochs=0), features=toy[0], captions=toy[1], vocab_path=toy[2],
+    train(toy_config(epochs=1, warmup_epochs=0), features=toy[0], captions=toy[1], vocab_path=toy[2],
           run_dir=tmp_path / "c", progress=False, log=lines.append, max_steps=25)
     warnings = [line for line in lines if "collapsed" in line]
     assert len(warnings) == 1 and "--warmup-epochs" in warnings[0] and "2·B·margin" in warnings[0]
