@@ -321,6 +321,24 @@ def search(query: str | None, checkpoint_path: Path, features: Path, top_k: int,
         click.echo(f"page written to {html_path}")
 
 
+@cli.command()
+@click.argument("run_dir", type=EXISTING_DIR)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG to write [default: RUN_DIR/curves.png].")
+@user_errors
+def report(run_dir: Path, out: Path | None) -> None:
+    """Plot a run's loss and validation recall curves and print its final table."""
+    from pipelines.report import ReportError, final_table, plot_curves, read_metrics
+
+    try:
+        rows = read_metrics(run_dir)
+    except ReportError as error:
+        raise UserError(str(error)) from None
+    path = plot_curves(rows, out or run_dir / "curves.png", title=run_dir.name)
+    click.echo(final_table(rows))
+    click.echo(f"curves written to {path}")
+
+
 def main() -> None:
     cli(prog_name="tshsr-pipe")
 

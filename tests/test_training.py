@@ -108,3 +108,14 @@ def test_train_command_and_its_errors(toy, tmp_path):
     bad = runner.invoke(cli, args[:7] + ["--runs", str(tmp_path), "--name", "x", "--set", "model.nope=1"])
     assert bad.exit_code == 2 and "unknown field" in bad.output
     assert runner.invoke(cli, ["train", "--help"]).exit_code == 0
+
+
+def test_report_draws_curves_and_prints_the_table(trained_toy, tmp_path):
+    *_, result = trained_toy
+    outcome = CliRunner().invoke(cli, ["report", str(result.run_dir), "--out", str(tmp_path / "c.png")])
+    assert outcome.exit_code == 0, outcome.output
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best_line = next(line for line in outcome.output.splitlines() if line.startswith("best"))
+    assert f"{result.best_rsum:.1f}" in best_line
+    missing = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert missing.exit_code == 2 and "metrics.csv: missing" in missing.output
