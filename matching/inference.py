@@ -59,7 +59,13 @@ def evaluate_checkpoint(
     memory_budget: int | None = None,
     progress: bool = False,
 ) -> EvaluationResult:
-    """Score a split's images against its captions and compute the retrieval metrics."""
+    """Score a split's images against its captions and compute the retrieval metrics.
+
+    Under torchrun the images are shared among the ranks (each scores its slice of
+    the matrix's rows) and every rank gets the same result.
+    """
+    from matching.distributed import score_matrix_ranks, setup, teardown
+
     model, config, vocab = checkpoint.load(checkpoint_path)
     if vocab_path is not None:
         check_vocab(vocab, vocab_path)
@@ -68,8 +74,13 @@ def evaluate_checkpoint(
     image_ids, ordered = evaluation_set(read_captions(captions, split), store.image_ids, captions_per_image)
     protocol_names(len(image_ids), protocol)  # fail before scoring
     tokens = [vocab.encode(c.text) for c in ordered]
-    sims = score_matrix(model, StoreImages(store, image_ids), tokens, device=device,
-                        batch_size=batch_size, memory_budget=memory_budget, progress=progress)
+    ctx, device_t = setup(device)
+    try:
+        sims = score_matrix_ranks(model, StoreImages(store, image_ids), tokens, ctx, device_t,
+                                  batch_size=batch_size, memory_budget=memory_budget,
+                                  progress=progress and ctx.is_main)
+    finally:
+        teardown(ctx)
     return EvaluationResult(evaluate_protocol(sims, protocol, captions_per_image), sims, image_ids, len(ordered))
 
 

@@ -62,6 +62,21 @@ class StoreImages:
         return torch.from_numpy(batch.features), torch.from_numpy(batch.num_boxes)
 
 
+@dataclass
+class SlicedImages:
+    """Images start..stop-1 of another source (one rank's share)."""
+
+    source: ImageSource
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def load(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        return self.source.load(self.start + start, self.start + stop)
+
+
 def pad_tokens(captions: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
     """Token-id lists → (tokens (B, L) padded with 0, lengths (B,))."""
     lengths = torch.tensor([len(c) for c in captions], dtype=torch.long)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader
 
@@ -38,10 +39,21 @@ from matching import checkpoint
 from matching.captions import evaluation_set, read_captions
 from matching.config import Config
 from matching.data import Batch, LengthBucketSampler, PairDataset, build_pairs, collate_pairs
+from matching.distributed import (
+    DistContext,
+    GlobalBatchScores,
+    agree,
+    convert_batchnorm,
+    gather_rows,
+    rng_states,
+    score_matrix_ranks,
+    setup,
+    teardown,
+)
 from matching.evaluation import recall_metrics
-from matching.loss import hardest_negative_loss
+from matching.loss import hardest_negative_loss, hinge_rows
 from matching.model import TSHSR, build_model
-from matching.scoring import StoreImages, score_matrix
+from matching.scoring import StoreImages
 from matching.text import Vocabulary
 
 COLLAPSE_SPREAD = 1e-4  # score std below this across a batch means every pair scores the same
@@ -147,11 +159,15 @@ def load_training_data(config: Config, features: Path, captions: Path, vocab: Vo
     return store, config, dataset, validation
 
 
-def validate(model: TSHSR, store: FeatureStore, validation: tuple, config: Config, device: torch.device) -> dict:
-    """Recall metrics on the validation images (all of them against all their captions)."""
+def validate(model: TSHSR, store: FeatureStore, validation: tuple, config: Config, device: torch.device,
+             ctx: DistContext | None = None) -> dict:
+    """Recall metrics on the validation images (all of them against all their captions).
+
+    Under torchrun the images are shared among the ranks and every rank gets the metrics.
+    """
     image_ids, tokens = validation
-    sims = score_matrix(model, StoreImages(store, image_ids), tokens, device=device,
-                        batch_size=max(config.train.batch_size, 32))
+    sims = score_matrix_ranks(model, StoreImages(store, image_ids), tokens, ctx or DistContext(), device,
+                              batch_size=max(config.train.batch_size, 32))
     return recall_metrics(sims, config.train.captions_per_image)
 
 
@@ -172,6 +188,11 @@ def train(
 ) -> TrainResult:
     """Train a model; returns where it is and how it did.
 
+    Started by torchrun (``torchrun --nproc_per_node=N -m pipelines.cli train …``), the
+    processes train together with DistributedDataParallel: `batch_size` is each
+    process's share, the loss sees the global batch of N × batch_size, and only
+    rank 0 writes files and logs.
+
     Args:
         config: the recipe and the model (img_dim, num_regions and vocab_size are
             taken from the data).
@@ -182,7 +203,19 @@ def train(
         max_steps: stop (with a checkpoint, as if interrupted) after this many
             optimizer steps of this invocation.
     """
-    run_dir = Path(run_dir)
+    ctx, device_t = setup(device)
+    try:
+        return _train(config, ctx=ctx, device=device_t, features=Path(features), captions=Path(captions),
+                      vocab_path=Path(vocab_path), run_dir=Path(run_dir), resume=resume, train_split=train_split,
+                      val_split=val_split, max_steps=max_steps, progress=progress and ctx.is_main,
+                      log=log if ctx.is_main else (lambda line: None))
+    finally:
+        teardown(ctx)
+
+
+def _train(config: Config, *, ctx: DistContext, device: torch.device, features: Path, captions: Path,
+           vocab_path: Path, run_dir: Path, resume: bool, train_split: str, val_split: str | None,
+           max_steps: int | None, progress: bool, log: Callable[[str], None]) -> TrainResult:
     last = run_dir / "checkpoint_last.pt"
     if resume:
         if not last.exists():
@@ -198,19 +231,29 @@ def train(
     vocab = Vocabulary.load(vocab_path)
     if state is not None and Vocabulary(state["vocab"]) != vocab:
         raise RunError(f"{vocab_path}: not the vocabulary {run_dir} was trained with")
-    store, config, dataset, validation = load_training_data(config, Path(features), Path(captions), vocab,
+    store, config, dataset, validation = load_training_data(config, features, captions, vocab,
                                                             train_split, val_split)
     if validation is None:
         log(f"note: no '{val_split}' captions: no validation; model_best.pt is the last epoch")
-    device_t = torch.device(device)
-    if device_t.type == "cuda":
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
         torch.backends.cudnn.allow_tf32 = config.train.allow_tf32
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    if ctx.enabled:
+        log(f"{ctx.world_size} processes × batch {config.train.batch_size} = global batch "
+            f"{ctx.world_size * config.train.batch_size}")
 
     seed_everything(config.train.seed)
-    model = build_model(config.model).to(device_t)
+    model = build_model(config.model).to(device)
+    ddp = None
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        convert_batchnorm(model)
+        ddp = DistributedDataParallel(GlobalBatchScores(model),
+                                      device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.learning_rate)
     epoch, batch_in_epoch, global_step = 0, 0, 0
     best_rsum, best_epoch, epoch_loss, epoch_steps = -1.0, -1, 0.0, 0
@@ -222,28 +265,35 @@ def train(
         global_step, best_rsum = progress_state["global_step"], progress_state["best_rsum"]
         best_epoch = progress_state["best_epoch"]
         epoch_loss, epoch_steps = progress_state["epoch_loss"], progress_state["epoch_steps"]
-        _restore_rng(state["rng"])
+        saved = state["rng"]["ranks"]
+        if len(saved) != ctx.world_size:
+            log(f"note: the run was saved by {len(saved)} processes and resumes on {ctx.world_size}: "
+                "the data order and dropout differ from an uninterrupted run from here on")
+        _restore_rng(saved[ctx.rank % len(saved)])
         log(f"resuming {run_dir} at epoch {epoch + 1}, batch {batch_in_epoch}, step {global_step}")
 
-    sampler = LengthBucketSampler([len(c) for c in dataset.pairs.captions], config.train.batch_size,
-                                  seed=config.train.seed)
+    sampler = LengthBucketSampler([len(c) for c in dataset.pairs.captions],
+                                  config.train.batch_size * ctx.world_size, seed=config.train.seed,
+                                  num_replicas=ctx.world_size, rank=ctx.rank)
     # The loader draws a worker seed from its generator at every epoch start; a generator of
     # its own keeps that draw off the global RNG that dropout uses, so a resume mid-epoch
     # continues the very same dropout masks.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pairs,
-                        num_workers=config.train.workers, pin_memory=device_t.type == "cuda",
+                        num_workers=config.train.workers, pin_memory=device.type == "cuda",
                         persistent_workers=config.train.workers > 0,
                         generator=torch.Generator().manual_seed(config.train.seed))
-    writer = _tensorboard(run_dir, global_step)
+    writer = _tensorboard(run_dir, global_step) if ctx.is_main else _NoWriter()
     result = TrainResult(run_dir, best_rsum, best_epoch, epoch, global_step)
     collapsed_steps = 0
     started = time.time()
 
-    def save_last() -> None:
-        checkpoint.save(last, model, config, vocab, optimizer=optimizer.state_dict(), rng=_rng_state(),
-                        progress={"epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
-                                  "best_rsum": best_rsum, "best_epoch": best_epoch, "epoch_loss": epoch_loss,
-                                  "epoch_steps": epoch_steps})
+    def save_last() -> None:  # a collective (RNG states of every rank); rank 0 writes
+        states = rng_states(ctx, _rng_state())
+        if ctx.is_main:
+            checkpoint.save(last, model, config, vocab, optimizer=optimizer.state_dict(), rng={"ranks": states},
+                            progress={"epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
+                                      "best_rsum": best_rsum, "best_epoch": best_epoch, "epoch_loss": epoch_loss,
+                                      "epoch_steps": epoch_steps, "world_size": ctx.world_size})
 
     with _StopFlag() as flag:
         while epoch < config.train.epochs:
@@ -256,25 +306,27 @@ def train(
             bar = _bar(len(sampler), f"epoch {epoch + 1}/{config.train.epochs}", progress)
             tick, pairs_seen = time.time(), 0
             for batch in loader:
-                loss, spread = train_step(model, optimizer, batch, config, device_t, hardest)
+                loss, spread = train_step(model, optimizer, batch, config, device, hardest, ddp=ddp)
                 global_step += 1
                 batch_in_epoch += 1
                 epoch_loss += loss
                 epoch_steps += 1
                 result.losses.append(loss)
-                pairs_seen += len(batch.lengths)
+                pairs_seen += len(batch.lengths) * ctx.world_size
                 writer.add_scalar("train/loss", loss, global_step)
                 collapsed_steps = collapsed_steps + 1 if spread < COLLAPSE_SPREAD else 0
                 if collapsed_steps == COLLAPSE_STEPS:
+                    batch_size = len(batch.lengths) * ctx.world_size
                     log(f"warning: training has collapsed: every pair gets the same score (spread {spread:.1e}) "
-                        f"and the loss is stuck at 2·B·margin = {2 * len(batch.lengths) * config.train.margin:.1f}. "
+                        f"and the loss is stuck at 2·B·margin = {2 * batch_size * config.train.margin:.1f}. "
                         "Remedy: train the first epochs on the sum over all negatives (--warmup-epochs 2 or "
                         "more, until validation recall has climbed); on small datasets also raise --lr (e.g. 3e-3).")
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{pairs_seen / max(time.time() - tick, 1e-9):.0f}")
                 if config.train.log_every and global_step % config.train.log_every == 0 and not progress:
                     log(f"epoch {epoch + 1} step {global_step}: loss {loss:.4f}, lr {lr:.2e}")
-                stop_now = flag.stop or (max_steps is not None and len(result.losses) >= max_steps)
+                stop_now = agree(ctx, flag.stop or (max_steps is not None and len(result.losses) >= max_steps),
+                                 device)
                 if stop_now or (config.train.checkpoint_every and global_step % config.train.checkpoint_every == 0):
                     save_last()
                 if stop_now:
@@ -290,17 +342,19 @@ def train(
                                    "train_loss": epoch_loss / max(epoch_steps, 1)}
             improved = validation is None
             if validation is not None:
-                metrics = validate(model, store, validation, config, device_t)
+                metrics = validate(model, store, validation, config, device, ctx)
                 row.update({k: metrics[k] for k in CSV_FIELDS if k in metrics})
                 improved = metrics["rsum"] > best_rsum
                 for key, value in metrics.items():
                     writer.add_scalar(f"val/{key}", value, global_step)
             if improved:
                 best_rsum, best_epoch = float(row.get("rsum", 0.0)), epoch + 1
-                checkpoint.save(run_dir / "model_best.pt", model, config, vocab,
-                                best={"epoch": best_epoch, "rsum": best_rsum})
+                if ctx.is_main:
+                    checkpoint.save(run_dir / "model_best.pt", model, config, vocab,
+                                    best={"epoch": best_epoch, "rsum": best_rsum})
             row.update({"best_rsum": best_rsum, "seconds": round(time.time() - started, 1)})
-            _append_csv(run_dir / "metrics.csv", row)
+            if ctx.is_main:
+                _append_csv(run_dir / "metrics.csv", row)
             result.history.append(row)
             log(_epoch_line(row, config.train.epochs, hardest, improved and validation is not None))
             epoch, batch_in_epoch, epoch_loss, epoch_steps = epoch + 1, 0, 0.0, 0
@@ -312,22 +366,45 @@ def train(
 
 
 def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, config: Config,
-               device: torch.device, hardest: bool) -> tuple[float, float]:
-    """One optimizer step on a batch: (loss, std of the batch's scores)."""
+               device: torch.device, hardest: bool, *, ddp: torch.nn.Module | None = None) -> tuple[float, float]:
+    """One optimizer step on a batch: (loss of the global batch, std of the scores computed here).
+
+    With `ddp` (a DistributedDataParallel(GlobalBatchScores)), this rank holds a slice
+    of the global batch: it scores its images against every caption and every image
+    against its captions, so the hardest negatives are sought in the whole global batch;
+    the per-rank losses sum to the single-process loss of that batch.
+    """
     features = batch.features.to(device, non_blocking=True)
     num_boxes = batch.num_boxes.to(device, non_blocking=True)
     tokens, lengths = batch.tokens.to(device, non_blocking=True), batch.lengths.to(device, non_blocking=True)
-    same_image = (batch.image_index[:, None] == batch.image_index[None, :]).to(device)
+    image_index = batch.image_index.to(device)
     amp = config.train.mixed_precision and device.type == "cuda"
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-        scores = model(features, num_boxes, tokens, lengths)  # (B, B)
-        loss = hardest_negative_loss(scores.float(), config.train.margin, hardest=hardest, same_image=same_image)
+    margin = config.train.margin
     optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        if ddp is None:
+            scores = model(features, num_boxes, tokens, lengths)  # (B, B)
+            same_image = image_index[:, None] == image_index[None, :]
+            loss = hardest_negative_loss(scores.float(), margin, hardest=hardest, same_image=same_image)
+            total = loss.detach()
+        else:
+            rows, cols = ddp(features, num_boxes, tokens, lengths)  # (b, G), (G, b)
+            everyone = gather_rows(image_index)  # (G,) the global batch's image of each caption
+            offset = int(gather_rows(image_index.new_tensor([len(image_index)]))[: dist.get_rank()].sum())
+            positive = offset + torch.arange(len(image_index), device=device)
+            same_image = image_index[:, None] == everyone[None, :]  # (b, G)
+            loss = (hinge_rows(rows.float(), positive, margin, hardest=hardest, not_negative=same_image)
+                    + hinge_rows(cols.float().t(), positive, margin, hardest=hardest, not_negative=same_image))
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            # DDP averages gradients over ranks; the global loss is the sum of the ranks' losses.
+            loss = loss * dist.get_world_size()
+            scores = rows
     loss.backward()
     if config.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
     optimizer.step()
-    value = float(loss.detach())
+    value = float(total)
     if not math.isfinite(value):
         raise FloatingPointError(f"the loss became {value}; lower --lr or disable mixed precision")
     return value, float(scores.detach().float().std())

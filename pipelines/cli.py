@@ -84,6 +84,10 @@ def evaluate(checkpoint_path: Path, features: Path, captions: Path, split: str, 
         if type(error) is ValueError:
             raise UserError(str(error)) from None
         raise
+    from matching.distributed import from_env
+
+    if not from_env().is_main:  # under torchrun, rank 0 reports
+        return
     click.echo(f"{len(outcome.image_ids)} images, {outcome.num_captions} captions ({split} split)")
     click.echo(format_table(outcome.results))
     if save_sims:
@@ -255,7 +259,9 @@ def train(features: Path, captions: Path, vocab_path: Path, name: str | None, ru
                               val_split=val_split or None, max_steps=max_steps, log=log)
     except RunError as error:
         raise UserError(str(error)) from None
-    if not result.interrupted:
+    from matching.distributed import from_env
+
+    if not result.interrupted and from_env().is_main:
         best = f"best rsum {result.best_rsum:.1f} at epoch {result.best_epoch}" if result.best_rsum >= 0 else ""
         log(f"done: {result.epochs_done} epochs, {result.global_step} steps; {best}; "
             f"model in {run_dir / 'model_best.pt'}")

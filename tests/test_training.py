@@ -67,7 +67,7 @@ def test_run_directory_rules(toy, tmp_path):
 def test_collapse_is_reported_with_the_remedy(toy, tmp_path, monkeypatch):
     import matching.training as training
 
-    monkeypatch.setattr(training, "train_step", lambda *args: (12.8, 0.0))
+    monkeypatch.setattr(training, "train_step", lambda *args, **kwargs: (12.8, 0.0))
     lines = []
     train(toy_config(epochs=1, warmup_epochs=0), features=toy[0], captions=toy[1], vocab_path=toy[2],
           run_dir=tmp_path / "c", progress=False, log=lines.append, max_steps=25)

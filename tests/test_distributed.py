@@ -1,0 +1,87 @@
+"""torchrun on CPU (gloo, loopback): 2 processes train and evaluate exactly like one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from matching.config import Config
+from matching.model import build_model
+from matching.scoring import ImageArrays, score_matrix
+from matching.training import train
+from tests.conftest import random_captions, random_images, toy_config
+
+GRADIENT_FREE = ("image_encoder.pool.global_proj.0.bias",  # followed by a batch norm…
+                 "image_encoder.pool.global_proj.1.running_mean",  # …whose running mean tracks that bias
+                 "pool.score.bias",  # a softmax over regions / words
+                 "psi.bias")  # a per-row constant in the relation matrix's softmax
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "pipelines.cli", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_two_processes_train_like_one_with_the_global_batch(toy, tmp_path):
+    features, captions, vocab = toy
+    common = {"learning_rate": 1e-3, "warmup_epochs": 0, "seed": 3}
+    # dropout off: the two processes draw their masks from two RNG streams, one process from one
+    single = train(toy_config(batch_size=24, **common).updated(model={"dropout": 0.0}), features=features,
+                   captions=captions, vocab_path=vocab, run_dir=tmp_path / "one", max_steps=4, progress=False,
+                   log=lambda line: None)
+    result = torchrun("train", "--features", str(features), "--captions", str(captions), "--vocab", str(vocab),
+                      "--runs", str(tmp_path), "--name", "two", "--embed-size", "64", "--sim-dim", "32",
+                      "--word-dim", "32", "--batch-size", "12", "--lr", "1e-3", "--warmup-epochs", "0", "--seed", "3",
+                      "--workers", "0", "--max-steps", "4", "--set", "model.dropout=0")
+    assert "2 processes × batch 12 = global batch 24" in result.stdout
+    one = torch.load(tmp_path / "one" / "checkpoint_last.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "checkpoint_last.pt", weights_only=True)
+    assert two["progress"]["global_step"] == single.global_step == 4
+    assert two["progress"]["epoch_loss"] == pytest.approx(one["progress"]["epoch_loss"], rel=1e-5)
+    # Biases whose gradient is zero by construction (they add a constant under a softmax or a batch
+    # norm) move by Adam's normalised rounding noise: ±lr whatever the run. Every other weight agrees.
+    free = [k for k in one["model"] if k.endswith(GRADIENT_FREE)]
+    assert len(free) == 7, free  # 2 pooling scores, a pre-BN bias and its running mean, 3 layers × psi
+    gaps = sorted((float((one["model"][k].float() - two["model"][k].float()).abs().max()), k)
+                  for k in one["model"] if k not in free)
+    assert gaps[-1][0] < 2e-5, gaps[-5:]
+    # …and the free biases do not change what the models compute.
+    model_one, model_two = build_model(tiny := Config.from_dict(one["config"]).model), build_model(tiny)
+    model_one.load_state_dict(one["model"])
+    model_two.load_state_dict(two["model"])
+    features_, num_boxes = random_images(5, tiny.num_regions, tiny.img_dim, seed=4)
+    captions_ = random_captions(7, tiny.vocab_size, seed=5)
+    np.testing.assert_allclose(score_matrix(model_one, ImageArrays(features_, num_boxes), captions_),
+                               score_matrix(model_two, ImageArrays(features_, num_boxes), captions_), atol=1e-5)
+    # Only rank 0 wrote: one event file, each log line once, both RNG streams saved by rank 0.
+    files = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert [f for f in files if not f.startswith("events")] == ["checkpoint_last.pt", "config.yaml", "train.log"]
+    assert len([f for f in files if f.startswith("events")]) == 1
+    lines = [line.split(" ", 2)[2] for line in (tmp_path / "two" / "train.log").read_text().splitlines()]
+    assert len(lines) == len(set(lines)) and len(two["rng"]["ranks"]) == 2
+
+
+def test_two_process_evaluation_equals_one(trained_toy, tmp_path):
+    features, captions, _, ckpt, _ = trained_toy
+    args = ["evaluate", "--checkpoint", str(ckpt), "--features", str(features), "--captions", str(captions),
+            "--split", "test"]
+    single = subprocess.run([sys.executable, "-m", "pipelines.cli", *args, "--json", str(tmp_path / "one.json"),
+                             "--save-sims", str(tmp_path / "one.npy")], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    result = torchrun(*args, "--json", str(tmp_path / "two.json"), "--save-sims", str(tmp_path / "two.npy"))
+    assert result.stdout.count("15 images, 75 captions") == 1, result.stdout  # rank 0 alone reports
+    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-6)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two"))
+    assert one == two
