@@ -149,3 +149,21 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         if "folds" in m:
             lines.append(f"{'':<9}   ({label})")
     return "\n".join(lines)
+
+
+def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict[str, float]:
+    """Expected recalls (percent) of a model that ranks at random, for comparison with real ones.
+
+    t2i: the one true image is in the top K with probability K/n. i2t: at least one of the
+    cpi true captions is in the top K of n·cpi with probability 1 − C(n·cpi − cpi, K) / C(n·cpi, K).
+    """
+    from math import comb
+
+    total = n_images * captions_per_image
+    metrics = {}
+    for k in (1, 5, 10):
+        kk = min(k, total)
+        metrics[f"i2t_r{k}"] = 100.0 * (1 - comb(total - captions_per_image, kk) / comb(total, kk))
+        metrics[f"t2i_r{k}"] = 100.0 * min(1.0, k / n_images)
+    metrics["rsum"] = sum(metrics.values())
+    return metrics

@@ -128,3 +128,62 @@ def write_feature_dataset(out: str | os.PathLike, scenes: list[Scene], *, featur
     writer.commit(settings={"source": "synthetic", "images": len(scenes)})
     write_captions(out / "captions.jsonl", scenes, seed)
     return out
+
+
+PLACE_CENTRES = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75),
+                 "middle": (0.5, 0.5)}
+
+
+def _star(cx: float, cy: float, r: float, points: int = 5) -> list[tuple[float, float]]:
+    import math
+
+    return [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(math.pi * i / points),
+             cy - (r if i % 2 == 0 else r * 0.45) * math.cos(math.pi * i / points)) for i in range(2 * points)]
+
+
+def render_scene(scene: Scene, size: int = 192, seed: int = 0):
+    """The scene as a PIL image: each object drawn at (near) its place on a noisy light background."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng([seed, int(scene.image_id.split("_")[-1].split(".")[0])])
+    background = rng.integers(200, 240, size=3)
+    pixels = np.clip(rng.normal(background, 8, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+    used: list[tuple[float, float]] = []
+    for obj in scene.objects:
+        cx, cy = PLACE_CENTRES[obj.place]
+        cx, cy = cx + rng.uniform(-0.08, 0.08), cy + rng.uniform(-0.08, 0.08)
+        while any(abs(cx - ux) < 0.12 and abs(cy - uy) < 0.12 for ux, uy in used):  # keep objects apart
+            cx, cy = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)
+        used.append((cx, cy))
+        x, y, r = cx * size, cy * size, size * rng.uniform(0.09, 0.14)
+        colour = tuple(int(c) for c in np.clip(np.array(COLOURS[obj.colour]) + rng.normal(0, 10, 3), 0, 255))
+        box = (x - r, y - r, x + r, y + r)
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=colour)
+        elif obj.shape == "triangle":
+            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=colour)
+        elif obj.shape == "star":
+            draw.polygon(_star(x, y, r * 1.2), fill=colour)
+        elif obj.shape == "cross":
+            draw.rectangle((x - r, y - r / 3, x + r, y + r / 3), fill=colour)
+            draw.rectangle((x - r / 3, y - r, x + r / 3, y + r), fill=colour)
+        else:  # ring
+            draw.ellipse(box, outline=colour, width=max(2, int(r / 3)))
+    return image
+
+
+def write_image_dataset(out: str | os.PathLike, scenes: list[Scene], *, size: int = 192, seed: int = 0) -> Path:
+    """PNG files of the scenes in OUT/images and their captions in OUT/captions.jsonl; returns OUT/images."""
+    out = Path(out)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for scene in scenes:
+        target = images / scene.image_id
+        if not target.exists():
+            render_scene(scene, size, seed).save(target)
+    write_captions(out / "captions.jsonl", scenes, seed)
+    return images

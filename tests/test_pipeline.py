@@ -1,0 +1,102 @@
+"""`tshsr-pipe run` and `demo`: stages skipped when up to date, resumed after a crash; every --help."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from pipelines.cli import cli
+from pipelines.run import PipelineError, PipelineSpec, run_pipeline
+from pipelines.synthetic import make_scenes, write_feature_dataset
+from tests.conftest import SMALL_MODEL
+
+TRAIN = {"epochs": 2, "batch_size": 24, "learning_rate": 3e-3, "warmup_epochs": 2, "workers": 0,
+         "checkpoint_every": 0}
+
+
+def spec_for(tmp_path, features):
+    return PipelineSpec(workdir=tmp_path / "work", captions=features / "captions.jsonl", features=features,
+                        name="t", vocab={"threshold": 1}, model=dict(SMALL_MODEL), train=dict(TRAIN),
+                        evaluate={"split": "test", "protocol": "full"})
+
+
+def stages(lines):
+    return {line.split(":")[0]: line for line in lines if line.split(":")[0] in
+            ("extract", "vocab", "train", "evaluate")}
+
+
+def test_second_run_skips_every_stage_and_changed_inputs_rerun(tmp_path):
+    features = write_feature_dataset(tmp_path / "f", make_scenes(80, seed=2), feature_dim=32, seed=2)
+    spec = spec_for(tmp_path, features)
+    first = []
+    results = run_pipeline(spec, log=first.append, progress=False)
+    assert set(results) == {"full"} and (spec.run_dir / "model_best.pt").exists()
+    assert "training" in stages(first)["train"]
+    again = []
+    assert run_pipeline(spec, log=again.append, progress=False) == results
+    assert all("up to date" in line or "skipped" in line for line in stages(again).values()), again
+    time.sleep(0.01)
+    os.utime(spec.captions)  # newer captions: the vocabulary and everything after it are stale
+    third = []
+    run_pipeline(spec, log=third.append, progress=False)
+    logged = stages(third)
+    assert "words" in logged["vocab"] and "up to date" not in logged["evaluate"]
+    forced = []
+    run_pipeline(spec, force=("evaluate",), log=forced.append, progress=False)
+    assert "up to date" in stages(forced)["train"] and "up to date" not in stages(forced)["evaluate"]
+
+
+def test_a_crash_in_training_is_resumed_by_running_again(tmp_path, monkeypatch):
+    import matching.training as training
+
+    features = write_feature_dataset(tmp_path / "f", make_scenes(80, seed=3), feature_dim=32, seed=3)
+    spec = spec_for(tmp_path, features)
+    real_step, calls = training.train_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the checkpoint of step 3, in the middle of the first epoch
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    spec.train.update(batch_size=32, checkpoint_every=3)
+    monkeypatch.setattr(training, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pipeline(spec, log=lambda line: None, progress=False)
+    assert (spec.run_dir / "checkpoint_last.pt").exists() and not spec.metrics_path.exists()
+    monkeypatch.setattr(training, "train_step", real_step)
+    lines = []
+    run_pipeline(spec, log=lines.append, progress=False)
+    assert any(line.startswith("resuming") and "batch 3" in line for line in lines), lines
+    assert "up to date" in stages(lines)["vocab"] and spec.metrics_path.exists()
+
+
+def test_pipeline_file_and_its_errors(tmp_path):
+    features = write_feature_dataset(tmp_path / "f", make_scenes(40, seed=4), feature_dim=16, seed=4)
+    (tmp_path / "p.yaml").write_text(f"workdir: w\ncaptions: {features}/captions.jsonl\nfeatures: {features}\n"
+                                     "bogus: 1\n")
+    with pytest.raises(PipelineError, match="unknown pipeline field"):
+        PipelineSpec.from_file(tmp_path / "p.yaml")
+    (tmp_path / "q.yaml").write_text("workdir: w\ncaptions: c.jsonl\nfeatures: nowhere\n")
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "q.yaml")])
+    assert result.exit_code == 2 and "nowhere: no features and no 'images'" in result.output
+
+
+def test_fast_demo_learns_far_above_chance(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--fast", "--out", str(tmp_path / "demo"), "--images", "120"])
+    assert result.exit_code == 0, result.output
+    model = next(line for line in result.output.splitlines() if line.startswith("model"))
+    chance = next(line for line in result.output.splitlines() if line.startswith("chance"))
+    rsum, chance_rsum = float(model.split()[-1]), float(chance.split()[-1])
+    assert rsum > chance_rsum + 250, result.output  # chance is about 240 with 12 test images
+    assert float(model.split()[1]) > 50  # i2t R@1, chance about 8
+
+
+@pytest.mark.parametrize("command", ["evaluate", "import-sgraf", "vocab", "import-precomp", "train", "search",
+                                     "report", "run", "demo"])
+def test_every_command_explains_itself(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output and len(result.output) > 200
