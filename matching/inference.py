@@ -1,4 +1,4 @@
-"""Using a trained model on a feature directory: retrieval evaluation (and, later, search)."""
+"""Using a trained model on a feature directory: retrieval evaluation and search."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 from extract.shards import FeatureStore, ShardFormatError
 from matching import checkpoint
 from matching.captions import evaluation_set, read_captions
+from matching.encoders import Embedded
 from matching.evaluation import evaluate_protocol, protocol_names
 from matching.model import TSHSR
 from matching.scoring import StoreImages, score_matrix
@@ -128,11 +129,12 @@ def attended_regions(model: TSHSR, store: FeatureStore, image_id: str, tokens: l
 
 def search_images(model: TSHSR, vocab: Vocabulary, store: FeatureStore, text: str, *, k: int = 10,
                   image_ids: list[str] | None = None, device: str = "cpu", batch_size: int = 128,
-                  with_regions: bool = False) -> list[Hit]:
-    """The gallery's `k` best images for a text, best first."""
+                  with_regions: bool = False, encoded: Embedded | None = None) -> list[Hit]:
+    """The gallery's `k` best images for a text, best first (`encoded`: the gallery from an index)."""
     tokens = encode_query(vocab, text)
     gallery = image_ids if image_ids is not None else store.image_ids
-    scores = score_matrix(model, StoreImages(store, gallery), [tokens], device=device, batch_size=batch_size)[:, 0]
+    images = encoded if encoded is not None else StoreImages(store, gallery)
+    scores = score_matrix(model, images, [tokens], device=device, batch_size=batch_size)[:, 0]
     order = np.argsort(-scores, kind="stable")[:k]
     hits = [Hit(rank + 1, float(scores[i]), gallery[i], gallery[i]) for rank, i in enumerate(order)]
     if with_regions:

@@ -128,7 +128,7 @@ def encode_captions(model: TSHSR, captions: Sequence[Sequence[int]], device: tor
 
 def score_matrix(
     model: TSHSR,
-    images: ImageSource,
+    images: ImageSource | Embedded,
     captions: Sequence[Sequence[int]],
     *,
     device: str | torch.device = "cpu",
@@ -140,7 +140,8 @@ def score_matrix(
 
     Args:
         model: the network; put in eval mode for the call and restored after.
-        images: region features (`ImageArrays`, `StoreImages` or any `ImageSource`).
+        images: region features (`ImageArrays`, `StoreImages` or any `ImageSource`), or images
+            already encoded by this model (an `Embedded`, e.g. from a search index).
         captions: token-id lists (with <start>/<end>), in column order.
         device: where to compute; the model is moved there.
         batch_size: images/captions per encoder batch.
@@ -157,7 +158,10 @@ def score_matrix(
     scores = np.zeros((len(images), len(captions)), np.float32)
     try:
         with torch.inference_mode():
-            image_emb = encode_images(model, images, device, batch_size)
+            if isinstance(images, Embedded):
+                image_emb = images.to(device)
+            else:
+                image_emb = encode_images(model, images, device, batch_size)
             blocks = encode_captions(model, captions, device, batch_size)
             n_images, num_regions, embed_size = image_emb.local.shape
             sim_dim = model.head.score.in_features

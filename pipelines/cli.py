@@ -281,11 +281,14 @@ def train(features: Path, captions: Path, vocab_path: Path, name: str | None, ru
               help="Directory of the image files (as extracted), to show them in --html.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a page with the results and the attended boxes.")
+@click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Search index: the gallery encoded once by the model (built here on first use).")
+@click.option("--rebuild-index", is_flag=True, help="Encode the gallery again into --index.")
 @click.option("--device", default="cpu", show_default=True)
 @user_errors
 def search(query: str | None, checkpoint_path: Path, features: Path, top_k: int, image_id: str | None,
            captions: Path | None, split: str | None, images_dir: Path | None, html_path: Path | None,
-           device: str) -> None:
+           index_path: Path | None, rebuild_index: bool, device: str) -> None:
     """Rank the gallery's images for a text QUERY, or captions for an --image.
 
     \b
@@ -310,8 +313,21 @@ def search(query: str | None, checkpoint_path: Path, features: Path, top_k: int,
             if captions is not None:
                 wanted = {c.image_id for c in read_captions(captions, split)}
                 gallery = sorted(set(resolve_image_ids(wanted, store.image_ids).values()))
+            encoded = None
+            if index_path is not None:
+                from matching.index import IndexError_, build_index, load_index
+
+                ids = gallery if gallery is not None else store.image_ids
+                if index_path.exists() and not rebuild_index:
+                    try:
+                        _, encoded = load_index(index_path, checkpoint_path, store, ids)
+                    except IndexError_ as error:
+                        raise UserError(str(error)) from None
+                else:
+                    _, encoded = build_index(model, checkpoint_path, store, ids, index_path, device=device)
+                    click.echo(f"index of {len(ids)} images written to {index_path}")
             hits = search_images(model, vocab, store, query, k=top_k, image_ids=gallery, device=device,
-                                 with_regions=html_path is not None)
+                                 with_regions=html_path is not None, encoded=encoded)
             for hit in hits:
                 click.echo(f"{hit.rank:>3}. {hit.score:.4f}  {hit.item}")
         else:

@@ -60,3 +60,25 @@ def test_search_command_page_and_errors(trained_toy, tmp_path):
                           (["--image", "nope.png", "--captions", str(captions)], "'nope.png' is not in")):
         result = runner.invoke(cli, [*base, *args])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_index_gives_the_same_ranking_and_refuses_another_model(trained_toy, tmp_path):
+    features, captions, _, ckpt, _ = trained_toy
+    text = read_captions(captions, "test")[0].text
+    runner = CliRunner()
+    base = ["search", "--checkpoint", str(ckpt), "--features", str(features), text, "-k", "5"]
+    plain = runner.invoke(cli, base)
+    built = runner.invoke(cli, [*base, "--index", str(tmp_path / "g.idx")])
+    used = runner.invoke(cli, [*base, "--index", str(tmp_path / "g.idx")])
+    assert "index of 150 images written" in built.output and "written" not in used.output
+    ranked = [[line.split()[-1] for line in r.output.splitlines() if line.strip()[:2] in ("1.", "2.", "3.")]
+              for r in (plain, built, used)]
+    assert ranked[0] == ranked[1] == ranked[2] and len(ranked[0]) == 3
+    import shutil
+
+    shutil.copy(ckpt, tmp_path / "other.pt")
+    with open(tmp_path / "other.pt", "ab") as handle:
+        handle.write(b"\0")  # another file: another checksum
+    stale = runner.invoke(cli, ["search", "--checkpoint", str(tmp_path / "other.pt"), "--features", str(features),
+                                text, "--index", str(tmp_path / "g.idx")])
+    assert stale.exit_code == 2 and "built for another checkpoint" in stale.output
