@@ -19,6 +19,14 @@ BOX_MODES = ("fixed", "adaptive")
 BACKENDS = ("auto", "torchvision", "detectron2")
 
 
+class ExtractError(ValueError):
+    """A run that cannot start because of its input (weights, images, output directory, options).
+
+    The message is one line naming the file and the problem; the CLI prints it
+    without a traceback.
+    """
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """The bottom-up-attention Faster R-CNN (ResNet-101 C4, Visual Genome 1600 objects / 400 attributes)."""
@@ -70,15 +78,15 @@ class ExtractConfig:
             self.detector = DetectorConfig(**{k: tuple(v) if isinstance(v, list) else v
                                               for k, v in self.detector.items()})
         if self.box_mode not in BOX_MODES:
-            raise ValueError(f"box_mode must be one of {BOX_MODES}, not {self.box_mode!r}")
+            raise ExtractError(f"box_mode must be one of {BOX_MODES}, not {self.box_mode!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
+            raise ExtractError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
         if self.feature_dtype not in ("float16", "float32"):
-            raise ValueError(f"feature_dtype must be float16 or float32, not {self.feature_dtype!r}")
+            raise ExtractError(f"feature_dtype must be float16 or float32, not {self.feature_dtype!r}")
         if not 1 <= self.min_boxes <= self.max_boxes:
-            raise ValueError(f"need 1 <= min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}")
+            raise ExtractError(f"need 1 <= min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}")
         if self.num_boxes < 1:
-            raise ValueError(f"num_boxes must be at least 1, not {self.num_boxes}")
+            raise ExtractError(f"num_boxes must be at least 1, not {self.num_boxes}")
 
     @property
     def boxes_per_image(self) -> int:

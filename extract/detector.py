@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from extract.config import DetectorConfig
+from extract.config import DetectorConfig, ExtractError
 from extract.weights import LoadedWeights
 
 
@@ -56,8 +56,8 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "detectron2" if detectron2_available() else "torchvision"
     if backend == "detectron2" and not detectron2_available():
-        raise ImportError("--backend detectron2: detectron2 is not installed; build it from source "
-                          "(see extract/README.md) or use --backend torchvision")
+        raise ExtractError("--backend detectron2: detectron2 is not installed; build it from source "
+                           "(see extract/README.md) or use --backend torchvision")
     if backend not in ("torchvision", "detectron2"):
         raise ValueError(f"unknown backend {backend!r}")
     return backend

@@ -319,7 +319,8 @@ class ShardWriter:
         """Write the buffered records as a complete shard; returns its name (None if empty).
 
         ``failed`` images (``{"path", "reason"}``) are recorded in the manifest in
-        the same locked update, so the manifest never says less than the shards.
+        the same locked update, so the manifest never says less than the shards;
+        images written by this commit leave the failed list (a successful retry).
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         name = None
@@ -345,6 +346,9 @@ class ShardWriter:
                 name = SHARD_PATTERN.format(index)
                 os.replace(partial, self.directory / name)
                 manifest.shards.append(ShardEntry(name, len(self.records), digest))
+            # An image written now is no longer failed (a retried one that succeeded this time).
+            written = {record.image_id for record in self.records}
+            manifest.failed = [item for item in manifest.failed if item["path"] not in written]
             known = {item["path"] for item in manifest.failed}
             manifest.failed.extend(item for item in failed if item["path"] not in known)
         self.records = []

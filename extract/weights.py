@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from extract.config import DetectorConfig
+from extract.config import DetectorConfig, ExtractError
 from extract.shards import sha256_file
 
 WEIGHTS_FILE = "faster_rcnn_from_caffe_attr.pkl"
@@ -38,7 +38,7 @@ BLOCKS_PER_STAGE = {50: (3, 4, 6), 101: (3, 4, 23), 152: (3, 8, 36)}  # res2, re
 STAGE_WIDTHS = {2: (64, 256), 3: (128, 512), 4: (256, 1024), 5: (512, 2048)}  # bottleneck, out channels
 
 
-class WeightsError(ValueError):
+class WeightsError(ExtractError):
     """The weights file is missing, unsafe or not the bottom-up-attention model; the message names the file."""
 
 

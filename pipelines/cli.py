@@ -428,6 +428,11 @@ def demo(out: Path, fast: bool, num_images: int, seed: int, device: str) -> None
                f"{outcome['spec'].features} \"a red circle\")")
 
 
+from pipelines.extract_cmd import extract  # noqa: E402
+
+cli.add_command(extract)
+
+
 def main() -> None:
     cli(prog_name="tshsr-pipe")
 

@@ -19,13 +19,14 @@ class UserError(click.ClickException):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The library's error classes that describe bad input rather than a bug."""
+    from extract.config import ExtractError
     from extract.shards import ShardFormatError
     from matching.captions import CaptionFormatError
     from matching.checkpoint import CheckpointError
     from matching.config import ConfigError
     from matching.text import VocabularyError
 
-    return (ShardFormatError, CaptionFormatError, CheckpointError, ConfigError, VocabularyError,
+    return (ExtractError, ShardFormatError, CaptionFormatError, CheckpointError, ConfigError, VocabularyError,
             FileNotFoundError, IsADirectoryError, PermissionError)
 
 

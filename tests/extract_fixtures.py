@@ -20,7 +20,7 @@ from extract.config import DetectorConfig, ExtractConfig
 TEST_DETECTOR = DetectorConfig(min_size=128, max_size=200, rpn_post_nms_topk=40, pooler_resolution=6)
 
 
-def test_config(**overrides) -> ExtractConfig:
+def small_config(**overrides) -> ExtractConfig:
     """ExtractConfig with the test-time detector, inline decoding and small shards."""
     return ExtractConfig(**{"detector": TEST_DETECTOR, "workers": 0, "shard_size": 3, **overrides})
 
