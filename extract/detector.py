@@ -48,7 +48,10 @@ def detectron2_available() -> bool:
     """True when detectron2 can be imported (it is looked up without being imported)."""
     import importlib.util
 
-    return importlib.util.find_spec("detectron2") is not None
+    try:
+        return importlib.util.find_spec("detectron2") is not None
+    except (ImportError, ValueError):  # a broken installation counts as none
+        return False
 
 
 def resolve_backend(backend: str) -> str:
