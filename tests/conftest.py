@@ -9,6 +9,8 @@ import torch
 from matching.config import ModelConfig
 from matching.model import build_model
 
+pytest_plugins = ["tests.extract_fixtures"]  # the extractor's fixtures (random weights) for every test
+
 TINY = {"vocab_size": 40, "img_dim": 24, "num_regions": 7, "word_dim": 10, "embed_size": 16, "sim_dim": 8}
 
 

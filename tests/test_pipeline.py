@@ -100,3 +100,29 @@ def test_fast_demo_learns_far_above_chance(tmp_path):
 def test_every_command_explains_itself(command):
     result = CliRunner().invoke(cli, [command, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output and len(result.output) > 200
+
+
+def test_pipeline_from_raw_images_extracts_once(tmp_path, published_weights):
+    from pipelines.synthetic import write_image_dataset
+
+    scenes = make_scenes(40, seed=5)
+    images = write_image_dataset(tmp_path / "data", scenes, size=96)
+    spec = PipelineSpec(workdir=tmp_path / "work", captions=tmp_path / "data" / "captions.jsonl",
+                        features=tmp_path / "work" / "features", images=images, name="px", vocab={"threshold": 1},
+                        model=dict(SMALL_MODEL), train={**TRAIN, "epochs": 1, "warmup_epochs": 1},
+                        extract={"weights": str(published_weights), "min_size": 96, "max_size": 96,
+                                 "rpn_post_nms_topk": 8, "num_boxes": 6, "workers": 0, "pooler_resolution": 6},
+                        evaluate={"split": "test", "protocol": "full"})
+    first = []
+    run_pipeline(spec, log=first.append, progress=False)
+    assert "40 images extracted" in stages(first)["extract"]
+    from extract.shards import FeatureStore
+
+    store = FeatureStore(spec.features)
+    assert len(store) == 40 and store.max_boxes == 6 and store.feature_dim == 2048
+    again = []
+    run_pipeline(spec, log=again.append, progress=False)
+    assert "up to date" in stages(again)["extract"] and "up to date" in stages(again)["train"]
+    spec.extract["bogus_option"] = 1
+    with pytest.raises(PipelineError, match="unknown extract option"):
+        run_pipeline(spec, log=lambda line: None, progress=False)
