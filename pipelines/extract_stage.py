@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-DEMO_WEIGHTS = "weights/random_bottom_up_attr.pkl"
+DEMO_WEIGHTS = "weights/random_bottom_up_attr_shortcuts.pkl"
 # The demo's scenes are 192-pixel renders: keep them at that size, and take fewer RoIs than the
 # original's 300 (res5 over the RoIs is most of the time on a CPU).
 DEMO_EXTRACT = {"min_size": 192, "max_size": 192, "rpn_post_nms_topk": 24, "num_boxes": 12, "workers": 1}
@@ -65,8 +65,11 @@ def extract_stage(images: Path, features: Path, options: dict[str, Any], *, devi
 def demo_extract_options(out: Path) -> dict[str, Any]:
     """Extraction options for the demo, with random weights in the published layout written once.
 
-    No weights can be downloaded here, so the detector runs with random weights scaled to keep
-    activations in range (`extract.testing`); its features still carry colour and shape.
+    No weights can be downloaded here, so the detector runs with random weights (`extract.testing`)
+    whose residual branches are switched off: each ResNet stage is then its random projection
+    shortcut, which keeps the colours and shapes in the region features. Measured on the demo's
+    scenes: centred region features have a mean |cos| of 0.36 against 0.80 with the default
+    damping, and validation rsum after 3 epochs 289 against 211.
     """
     from extract.config import DetectorConfig
     from extract.testing import random_published_weights
@@ -76,6 +79,6 @@ def demo_extract_options(out: Path) -> dict[str, Any]:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_weights_pkl(random_published_weights(DetectorConfig(), seed=0), tmp)
+        save_weights_pkl(random_published_weights(DetectorConfig(), seed=0, residual_scale=0.0), tmp)
         tmp.replace(path)
     return {"weights": str(path), **DEMO_EXTRACT}
