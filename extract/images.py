@@ -209,10 +209,24 @@ class PreparedImage:
     original_size: tuple[int, int]  # (height, width) boxes are reported in
 
 
+def opencv_single_threaded():  # noqa: ANN201 - the cv2 module
+    """cv2, with its thread pool stopped (call before forking decoding workers, and in them).
+
+    A pool started in a process is inherited half-alive by forked children, where cv2 then hangs
+    (seen: cv2.setNumThreads in a worker never returned after the parent had resized a large
+    image). The decoding workers already work on several images at once.
+    """
+    import cv2
+
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+    return cv2
+
+
 def prepare_image(decoded: DecodedImage, min_size: int, max_size: int,
                   pixel_mean: tuple[float, float, float]) -> PreparedImage:
     """Mean-subtract and resize as the original tool (float32, bilinear)."""
-    import cv2
+    cv2 = opencv_single_threaded()
 
     height, width = decoded.original_size
     scale = resize_scale(height, width, min_size, max_size)

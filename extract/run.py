@@ -40,6 +40,7 @@ from extract.images import (
     boxes_to_original,
     decode_image,
     find_images,
+    opencv_single_threaded,
     prepare_image,
     read_image_list,
 )
@@ -175,15 +176,12 @@ class PreparedImages(torch.utils.data.Dataset):
 def _worker_init(_: int) -> None:
     # Workers share the cores with the detector: one thread each, or they oversubscribe the CPU.
     torch.set_num_threads(1)
-    with contextlib.suppress(ImportError):
-        import cv2
-
-        cv2.setNumThreads(1)
 
 
 def _decoded_stream(dataset: PreparedImages, workers: int) -> Iterator[dict[str, Any]]:
     if workers == 0:
         return (dataset[i] for i in range(len(dataset)))
+    opencv_single_threaded()  # before forking: an OpenCV thread pool does not survive a fork
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                          worker_init_fn=_worker_init, prefetch_factor=4)
     return iter(loader)
