@@ -53,6 +53,7 @@ from extract.shards import (
 )
 from extract.weights import LoadedWeights, load_weights
 
+WORKER_TIMEOUT = 600  # seconds; decoding one image never takes this long
 MODEL_NAME = "bottom-up-attention Faster R-CNN ResNet-101 C4, Visual Genome 1600 objects / 400 attributes"
 
 
@@ -182,8 +183,9 @@ def _decoded_stream(dataset: PreparedImages, workers: int) -> Iterator[dict[str,
     if workers == 0:
         return (dataset[i] for i in range(len(dataset)))
     opencv_single_threaded()  # before forking: an OpenCV thread pool does not survive a fork
+    # A worker that is silent for WORKER_TIMEOUT seconds raises instead of hanging the run.
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                         worker_init_fn=_worker_init, prefetch_factor=4)
+                                         worker_init_fn=_worker_init, prefetch_factor=4, timeout=WORKER_TIMEOUT)
     return iter(loader)
 
 
