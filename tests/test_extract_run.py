@@ -17,7 +17,7 @@ import torch
 
 from extract.boxes import select_regions
 from extract.config import ExtractError
-from extract.detector import build_detector
+from extract.detector import build_detector, resolve_backend
 from extract.images import boxes_to_original, decode_image, prepare_image
 from extract.run import RankInfo, extract_features
 from extract.shards import FeatureStore, read_manifest, sha256_file
@@ -80,7 +80,7 @@ def test_shards_follow_the_contract(first_run, published_weights):  # noqa: F811
             assert handle.attrs["format_version"] == 1
             extractor = json.loads(handle.attrs["extractor"])
             assert extractor["weights_sha256"] == manifest.settings["weights_sha256"]
-            assert extractor["backend"] == "torchvision" and extractor["config_digest"]
+            assert extractor["backend"] == resolve_backend("auto") and extractor["config_digest"]
     rows = _all_rows(out)
     assert rows.keys() == sizes.keys()
     for image_id, row in rows.items():
