@@ -25,9 +25,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from matching.checkpoint import CheckpointError
     from matching.config import ConfigError
     from matching.text import VocabularyError
+    from matching.training import RunError
+    from pipelines.run import PipelineError
 
     return (ExtractError, ShardFormatError, CaptionFormatError, CheckpointError, ConfigError, VocabularyError,
-            FileNotFoundError, IsADirectoryError, PermissionError)
+            RunError, PipelineError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 def user_errors(command: F) -> F:
