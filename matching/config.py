@@ -8,6 +8,7 @@ checkpoint and as YAML beside every run.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -185,20 +186,25 @@ def _build(kind: type, values: dict[str, Any], section: str) -> Any:
     return kind(**coerced)
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """A YAML (or JSON) config file as plain data: {"model": {...}, "train": {...}}, either section optional."""
+def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str) -> dict[str, Any]:
+    """A YAML (or JSON) file that must hold a mapping; ConfigError naming the file otherwise."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as handle:
             payload = yaml.safe_load(handle) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{path}: no such {what}") from None
     except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"{path}: unreadable config ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: unreadable {what} ({str(error).splitlines()[0]})") from None
     if not isinstance(payload, dict):
-        raise ConfigError(f"{path}: a config file is a mapping with 'model' and/or 'train' sections")
+        raise ConfigError(f"{path}: a {what} is {expected}")
     return payload
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A config file as plain data: {"model": {...}, "train": {...}}, either section optional."""
+    return read_yaml_mapping(path, "config file", "a mapping with 'model' and/or 'train' sections")
 
 
 def resolve_config(*, preset: str | None = None, config_file: str | None = None, variant: str | None = None,

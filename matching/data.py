@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -182,8 +181,3 @@ class LengthBucketSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, len(self.epoch_batches()) - self.start_batch)
-
-
-def steps_per_epoch(num_captions: int, batch_size: int) -> int:
-    """An estimate used for schedules and ETAs (the sampler gives the exact number)."""
-    return max(1, math.ceil(num_captions / batch_size))

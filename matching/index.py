@@ -21,7 +21,7 @@ from matching.scoring import StoreImages, encode_images
 FORMAT = "tshsr-pipe-index"
 
 
-class IndexError_(ValueError):
+class SearchIndexError(ValueError):
     """An index file that does not belong to this checkpoint and gallery."""
 
 
@@ -47,18 +47,18 @@ def build_index(model: TSHSR, checkpoint_path: str | os.PathLike, store: Feature
 
 def load_index(path: str | os.PathLike, checkpoint_path: str | os.PathLike, store: FeatureStore,
                image_ids: list[str]) -> tuple[list[str], Embedded]:
-    """The index's ids and embeddings (float32); IndexError_ if it was built from another model or gallery."""
+    """The index's ids and embeddings (float32); SearchIndexError if it was built from another model or gallery."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a torn or foreign file
-        raise IndexError_(f"{path}: not a readable index ({str(error).splitlines()[0][:200]})") from None
+        raise SearchIndexError(f"{path}: not a readable index ({str(error).splitlines()[0][:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise IndexError_(f"{path}: not a tshsr-pipe search index")
+        raise SearchIndexError(f"{path}: not a tshsr-pipe search index")
     expected = _identity(checkpoint_path, store, image_ids)
     for key, what in (("checkpoint_sha256", "checkpoint"), ("shards_sha256", "feature shards"),
                       ("num_images", "gallery")):
         if payload.get(key) != expected[key]:
-            raise IndexError_(f"{path}: built for another {what}; rebuild it with --rebuild-index")
+            raise SearchIndexError(f"{path}: built for another {what}; rebuild it with --rebuild-index")
     if payload["image_ids"] != list(image_ids):
-        raise IndexError_(f"{path}: built for another set of images; rebuild it with --rebuild-index")
+        raise SearchIndexError(f"{path}: built for another set of images; rebuild it with --rebuild-index")
     return payload["image_ids"], Embedded(payload["local"].float(), payload["mask"], payload["glob"].float())

@@ -315,13 +315,13 @@ def search(query: str | None, checkpoint_path: Path, features: Path, top_k: int,
                 gallery = sorted(set(resolve_image_ids(wanted, store.image_ids).values()))
             encoded = None
             if index_path is not None:
-                from matching.index import IndexError_, build_index, load_index
+                from matching.index import SearchIndexError, build_index, load_index
 
                 ids = gallery if gallery is not None else store.image_ids
                 if index_path.exists() and not rebuild_index:
                     try:
                         _, encoded = load_index(index_path, checkpoint_path, store, ids)
-                    except IndexError_ as error:
+                    except SearchIndexError as error:
                         raise UserError(str(error)) from None
                 else:
                     _, encoded = build_index(model, checkpoint_path, store, ids, index_path, device=device)

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 STAGES = ("extract", "vocab", "train", "evaluate")
 
 
@@ -62,14 +60,9 @@ class PipelineSpec:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> PipelineSpec:
-        try:
-            payload = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: no such pipeline file") from None
-        except (OSError, yaml.YAMLError) as error:
-            raise PipelineError(f"{path}: unreadable pipeline file ({str(error).splitlines()[0]})") from None
-        if not isinstance(payload, dict):
-            raise PipelineError(f"{path}: a pipeline file is a mapping (workdir, captions, features, …)")
+        from matching.config import read_yaml_mapping
+
+        payload = read_yaml_mapping(path, "pipeline file", "a mapping (workdir, captions, features, …)")
         base = Path(path).resolve().parent
         return cls.from_dict(payload, base, **overrides)
 
