@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from matching.encoders import masked_softmax, xavier_init_
+from matching.tensors import masked_softmax, xavier_init_
 
 
 class HSRLayer(nn.Module):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from matching.encoders import Embedded, l2norm, masked_mean, masked_softmax, xavier_init_
+from matching.encoders import Embedded
+from matching.tensors import l2norm, masked_mean, masked_softmax, xavier_init_
 
 
 def clipped_cosines(regions: Tensor, words: Tensor, clip: str = "leaky_relu") -> Tensor:
