@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -40,6 +38,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from extract.safeio import pid_alive, sha256_file, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -60,24 +60,6 @@ class ShardFormatError(ValueError):
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -170,20 +152,12 @@ def locked_manifest(directory: str | os.PathLike) -> Iterator[Manifest]:
             manifest = read_manifest(root) if (root / MANIFEST).exists() else Manifest()
             yield manifest
             manifest.updated = _now()
-            _atomic_write_json(root / MANIFEST, manifest.to_dict())
+            write_json(root / MANIFEST, manifest.to_dict(), indent=1)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as error:
-        return error.errno == errno.EPERM
-    return True
 
 
 def remove_stale_partials(directory: str | os.PathLike) -> list[Path]:
@@ -196,7 +170,7 @@ def remove_stale_partials(directory: str | os.PathLike) -> list[Path]:
     host = socket.gethostname()
     for path in Path(directory).glob("*.h5.partial"):
         parts = path.name[: -len(".h5.partial")].split("~")  # shard~HOST~PID~SEQ
-        if len(parts) == 4 and (parts[1] != host or (parts[2].isdigit() and _pid_alive(int(parts[2])))):
+        if len(parts) == 4 and (parts[1] != host or (parts[2].isdigit() and pid_alive(int(parts[2])))):
             continue  # another machine's, or a live writer's
         path.unlink(missing_ok=True)
         removed.append(path)
@@ -445,7 +419,7 @@ class FeatureStore:
                     raise ShardFormatError(f"{path}: image {image_id!r} also in {other}")
                 index[image_id] = (number, row)
         with contextlib.suppress(OSError):  # a read-only directory simply has no cache
-            _atomic_write_json(cache, {"shards": key, "index": index})
+            write_json(cache, {"shards": key, "index": index}, indent=None)
         return index
 
     def _handle(self, name: str) -> h5py.File:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from extract.config import DetectorConfig, ExtractError
-from extract.shards import sha256_file
+from extract.safeio import sha256_file
 
 WEIGHTS_FILE = "faster_rcnn_from_caffe_attr.pkl"
 WEIGHTS_URL = "http://nlp.cs.unc.edu/models/faster_rcnn_from_caffe_attr.pkl"

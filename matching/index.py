@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from extract.shards import FeatureStore, sha256_file
+from extract.safeio import sha256_file
+from extract.shards import FeatureStore
 from matching.encoders import Embedded
 from matching.model import TSHSR
 from matching.scoring import StoreImages, encode_images

@@ -380,7 +380,8 @@ def run_command(pipeline_file: Path | None, workdir: str | None, images: str | N
     any stage is resumed by running the same command again. See README "Pipelines" for
     the file's fields (model:, train:, extract:, evaluate: sections).
     """
-    from pipelines.run import PipelineError, PipelineSpec, run_pipeline
+    from pipelines.errors import PipelineError
+    from pipelines.run import PipelineSpec, run_pipeline
 
     overrides = {"workdir": workdir, "images": images, "features": features, "captions": captions, "name": name,
                  "device": device}

@@ -11,6 +11,10 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class PipelineError(ValueError):
+    """A pipeline description that cannot run; the message names the field or file."""
+
+
 class UserError(click.ClickException):
     """Printed as ``Error: message`` with exit code 2."""
 
@@ -26,7 +30,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from matching.config import ConfigError
     from matching.text import VocabularyError
     from matching.training import RunError
-    from pipelines.run import PipelineError
 
     return (ExtractError, ShardFormatError, CaptionFormatError, CheckpointError, ConfigError, VocabularyError,
             RunError, PipelineError, FileNotFoundError, IsADirectoryError, PermissionError)

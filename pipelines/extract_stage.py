@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import PipelineError
+
 DEMO_WEIGHTS = "weights/random_bottom_up_attr_shortcuts.pkl"
 # The demo's scenes are 192-pixel renders: keep them at that size, and take fewer RoIs than the
 # original's 300 (res5 over the RoIs is most of the time on a CPU).
@@ -23,7 +25,6 @@ DEMO_EXTRACT = {"min_size": 192, "max_size": 192, "rpn_post_nms_topk": 24, "num_
 def extract_config(options: dict[str, Any], device: str) -> tuple[Path, Any]:
     """(weights path, ExtractConfig) from a pipeline's extract options; PipelineError on unknown ones."""
     from extract.config import DetectorConfig, ExtractConfig
-    from pipelines.run import PipelineError
 
     options = dict(options)
     weights = options.pop("weights", None)
@@ -47,7 +48,6 @@ def extract_stage(images: Path, features: Path, options: dict[str, Any], *, devi
                   log: Callable[[str], None], progress: bool = True, force: bool = False) -> None:
     """Run (or resume) the extraction; `force` also retries the images a previous run failed on."""
     from extract.run import extract_features
-    from pipelines.run import PipelineError
 
     weights, config = extract_config(options, device)
     if force:

@@ -25,11 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import PipelineError
+
 STAGES = ("extract", "vocab", "train", "evaluate")
-
-
-class PipelineError(ValueError):
-    """A pipeline description that cannot run; the message names the field or file."""
 
 
 @dataclass

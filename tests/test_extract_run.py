@@ -20,7 +20,8 @@ from extract.config import ExtractError
 from extract.detector import build_detector, resolve_backend
 from extract.images import boxes_to_original, decode_image, prepare_image
 from extract.run import RankInfo, extract_features
-from extract.shards import FeatureStore, read_manifest, sha256_file
+from extract.safeio import sha256_file
+from extract.shards import FeatureStore, read_manifest
 from extract.weights import load_weights
 from tests.extract_fixtures import (  # noqa: F401 - published_weights is a fixture
     BAD_IMAGES,

@@ -1,4 +1,5 @@
-"""DESIGN §2: `import matching` needs only torch, numpy, h5py and nltk; from extract only extract.shards."""
+"""DESIGN §2: `import matching` needs only torch, numpy, h5py and nltk; from extract only extract.shards
+and the standard-library leaves below every package (extract.safeio, extract.runtime)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ PROBE = textwrap.dedent("""
     for info in pkgutil.walk_packages(matching.__path__, "matching."):
         importlib.import_module(info.name)
     leaked = sorted(m for m in sys.modules
-                    if m.startswith(("pipelines", "extract.")) and m != "extract.shards")
+                    if m.startswith(("pipelines", "extract."))
+                    and m not in {"extract.shards", "extract.safeio", "extract.runtime"})
     print("LEAKED", leaked)
 """)
 
 
-def test_matching_imports_without_optional_packages_and_only_extract_shards():
+def test_matching_imports_without_optional_packages_and_only_the_shared_extract_leaves():
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "LEAKED []" in result.stdout, result.stdout

@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipelines.cli import cli
-from pipelines.run import PipelineError, PipelineSpec, run_pipeline
+from pipelines.errors import PipelineError
+from pipelines.run import PipelineSpec, run_pipeline
 from pipelines.synthetic import make_scenes, write_feature_dataset
 from tests.conftest import SMALL_MODEL
 

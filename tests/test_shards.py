@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from extract.safeio import sha256_file
 from extract.shards import (
     FeatureStore,
     RegionRecord,
@@ -18,7 +19,6 @@ from extract.shards import (
     adopt_orphan_shards,
     read_manifest,
     remove_stale_partials,
-    sha256_file,
 )
 
 
