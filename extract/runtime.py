@@ -7,10 +7,12 @@
   stop: either a flag the loop polls between steps, or an exception raised at once.
   It remembers the signal, so a command can exit 130 (SIGINT) or 143 (SIGTERM) after
   saving, and `train && evaluate` does not go on with a half-trained model.
+- `resolve_device` turns ``--device auto|cpu|cuda|cuda:N`` into a torch device, with a
+  one-line `DeviceError` for a device this machine does not have.
 - `progress_bar` is the one progress bar: shown on a terminal, silent otherwise (batch jobs
   log lines instead).
 
-Standard library only (tqdm is imported when a bar is made): a leaf below every package.
+Standard library only (torch and tqdm are imported where used): a leaf below every package.
 """
 
 from __future__ import annotations
@@ -47,6 +49,39 @@ class Launch:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+class DeviceError(ValueError):
+    """A --device this machine cannot provide; the message says what there is."""
+
+
+def resolve_device(name: str, launch: Launch | None = None) -> Any:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` → torch.device; DeviceError otherwise.
+
+    Under torchrun a plain ``cuda`` (or ``auto`` on a GPU machine) is ``cuda:LOCAL_RANK``.
+    """
+    import torch
+
+    launch = launch or Launch.from_env()
+    text = str(name).strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise DeviceError(f"--device {name!r}: not a device; use {DEVICE_CHOICES}")
+    if text == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    count = torch.cuda.device_count()
+    if text == "cuda":
+        return torch.device("cuda", launch.local_rank % count)
+    index = int(text[5:])
+    if index >= count:
+        raise DeviceError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 … cuda:{count - 1}")
+    return torch.device("cuda", index)
 
 
 class Stopped(KeyboardInterrupt):

@@ -37,6 +37,10 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBI
 class StorageError(OSError):
     """Writing a file failed for a reason of the storage (full, read-only, I/O error); names the path."""
 
+    def __init__(self, message: str, errno_value: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
@@ -65,17 +69,20 @@ def storage_failure(error: BaseException, path: str | os.PathLike) -> StorageErr
         if isinstance(cause, StorageError):
             return cause
         if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
-            return StorageError(cause.errno, f"{path}: {os.strerror(cause.errno).lower()}; nothing was written "
-                                             "(the previous file, if any, is intact)")
+            return StorageError(f"{path}: {os.strerror(cause.errno).lower()}; nothing was written "
+                                "(the previous file, if any, is intact)", cause.errno)
         cause = cause.__cause__ or cause.__context__
+    if not isinstance(error, (RuntimeError, OSError)):
+        return None
     text = str(error)
-    if isinstance(error, (RuntimeError, OSError)) and any(
-            marker in text for marker in ("write failed", "No space left", "Disk quota", "errno = 28",
-                                          "Can't write data", "file write failed")):
-        free = _free_bytes(Path(path).parent)
+    free = _free_bytes(Path(path).parent)
+    # numpy ("N requested and M written"), torch ("file write failed") and HDF5 report a short
+    # write without an errno; an exhausted device is the cause when the device has no room left.
+    if any(marker in text for marker in ("write failed", "No space left", "Disk quota", "errno = 28",
+                                         "Can't write data", "requested and")) or (free is not None and free < 1 << 16):
         room = f" ({free} bytes free on that device)" if free is not None else ""
-        return StorageError(errno.ENOSPC, f"{path}: writing failed, the device is probably full{room}; nothing "
-                                          "was written (the previous file, if any, is intact)")
+        return StorageError(f"{path}: writing failed, the device is probably full{room}; nothing was written "
+                            "(the previous file, if any, is intact)", errno.ENOSPC)
     return None
 
 
@@ -98,8 +105,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException as error:
+        failure = storage_failure(error, target)  # before the unlink frees the space again
         tmp.unlink(missing_ok=True)
-        failure = storage_failure(error, target)
         if failure is not None and failure is not error:
             raise failure from None
         raise
@@ -123,8 +130,8 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException as error:
+        failure = storage_failure(error, target)  # before the unlink frees the space again
         tmp.unlink(missing_ok=True)
-        failure = storage_failure(error, target)
         if failure is not None and failure is not error:
             raise failure from None
         raise

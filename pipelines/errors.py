@@ -24,6 +24,8 @@ class UserError(click.ClickException):
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The library's error classes that describe bad input rather than a bug."""
     from extract.config import ExtractError
+    from extract.runtime import DeviceError
+    from extract.safeio import LockedError, StorageError
     from extract.shards import ShardFormatError
     from matching.captions import CaptionFormatError
     from matching.checkpoint import CheckpointError
@@ -31,8 +33,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from matching.text import VocabularyError
     from matching.training import RunError
 
-    return (ExtractError, ShardFormatError, CaptionFormatError, CheckpointError, ConfigError, VocabularyError,
-            RunError, PipelineError, FileNotFoundError, IsADirectoryError, PermissionError)
+    return (ExtractError, DeviceError, StorageError, LockedError, ShardFormatError, CaptionFormatError,
+            CheckpointError, ConfigError, VocabularyError, RunError, PipelineError, FileNotFoundError,
+            IsADirectoryError, PermissionError)
 
 
 def user_errors(command: F) -> F:
@@ -45,8 +48,10 @@ def user_errors(command: F) -> F:
         except click.ClickException:
             raise
         except user_error_types() as error:
+            from extract.safeio import StorageError
+
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if isinstance(error, OSError) and error.filename:
+            if isinstance(error, OSError) and not isinstance(error, StorageError) and error.filename:
                 message = f"{error.filename}: {error.strerror}"
             raise UserError(message) from None
 
