@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from extract.shards import FeatureStore, RegionRecord, ShardWriter
 from matching.captions import Caption
 from matching.config import Config
-from matching.data import LengthBucketSampler, PairDataset, build_pairs, collate_pairs
+from matching.data import EpochBatchSampler, PairDataset, build_pairs, collate_pairs
 from matching.model import build_model
 from matching.text import Vocabulary
 from matching.training import train_step
@@ -47,7 +47,7 @@ def write_features(directory: Path, images: int, regions: int, dim: int) -> list
 
 
 def loader_rate(dataset: PairDataset, batch_size: int, workers: int, batches: int) -> float:
-    sampler = LengthBucketSampler([len(c) for c in dataset.pairs.captions], batch_size, seed=0)
+    sampler = EpochBatchSampler([len(c) for c in dataset.pairs.captions], batch_size, seed=0)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=workers,
                         persistent_workers=False)
     iterator = iter(loader)

@@ -309,7 +309,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def resolve_device(config: ExtractConfig, rank: RankInfo) -> torch.device:
     """The torch device of this rank; ExtractError for an unusable request."""
     try:
-        device = torch.device(config.device)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                              else config.device)
     except RuntimeError:
         raise ExtractError(f"--device {config.device!r}: not a device (cpu, cuda, cuda:N)") from None
     if device.type == "cuda":

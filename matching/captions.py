@@ -139,6 +139,23 @@ def read_captions(path: str | os.PathLike, split: str | Sequence[str] | None = N
     return [c for c in captions if c.split is None or c.split in wanted]
 
 
+def read_split(path: str | os.PathLike, split: str | Sequence[str], purpose: str = "") -> list[Caption]:
+    """The captions of `split` (a name or names; captions without a split count for any),
+    or a CaptionFormatError naming the split, the file and the splits it has."""
+    everything = read_captions(path)
+    wanted = {_split_name(s) for s in ([split] if isinstance(split, str) else split)}
+    selected = [c for c in everything if c.split is None or c.split in wanted]
+    if not selected:
+        counts: dict[str, int] = {}
+        for caption in everything:
+            counts[str(caption.split)] = counts.get(str(caption.split), 0) + 1
+        names = "', '".join(sorted(str(s) for s in wanted))
+        listed = ", ".join(f"{name} ({n} captions)" for name, n in sorted(counts.items()))
+        raise CaptionFormatError(f"{path}: no captions of split '{names}'" + (f" for {purpose}" if purpose else "")
+                                 + f"; the file has {listed}")
+    return selected
+
+
 def group_by_image(captions: Iterable[Caption]) -> dict[str, list[Caption]]:
     """Captions per image id, images in order of first appearance, captions in file order."""
     groups: dict[str, list[Caption]] = {}

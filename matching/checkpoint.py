@@ -8,18 +8,21 @@ Layout::
      "model": state_dict,
      ...}                                          # training state when saved by train
 
-Written to a temporary file and renamed, so a kill never leaves a torn checkpoint.
+Written to a temporary file and renamed (`extract.safeio.atomic_write`), so a kill or a full disk
+never leaves a torn checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from extract.safeio import atomic_write
 from matching.config import Config, ConfigError
 from matching.model import TSHSR, build_model
 from matching.text import Vocabulary, VocabularyError
@@ -32,32 +35,38 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit; the message names the file."""
 
 
-def save(path: str | os.PathLike, model: TSHSR, config: Config, vocab: Vocabulary,
+def save(path: str | os.PathLike, model: torch.nn.Module, config: Config, vocab: Vocabulary,
          **extra: Any) -> Path:
-    """Write model weights, config and vocabulary (plus `extra` plain data) atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Write model weights, config and vocabulary (plus `extra` plain data) atomically.
+
+    A full disk raises `extract.safeio.StorageError` and leaves the previous file intact.
+    """
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(),
                "vocab": list(vocab.words),
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, target)
-    return target
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
+    return Path(path)
 
 
-def load_payload(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw checkpoint dict, read with the weights-only unpickler (no code can run)."""
+def load_payload(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """The raw checkpoint dict, read with the weights-only unpickler (no code can run).
+
+    `mmap` maps the tensors instead of reading them (cheap when only the plain data is wanted).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain data "
-                              f"({_first_line(error)})") from None
+        reason = load_failure(error)
+        if reason.startswith("GLOBAL"):
+            raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain data "
+                                  f"({reason}); it was not loaded, as that could run code") from None
+        raise CheckpointError(f"{path}: not a checkpoint ({reason})") from None
     except Exception as error:  # torch raises RuntimeError, EOFError, zipfile errors … for torn files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(error)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({load_failure(error)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tshsr-pipe checkpoint (an SGRAF checkpoint? "
                               "convert it with `tshsr-pipe import-sgraf`)")
@@ -85,5 +94,21 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> t
 
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    blocked = [line for line in lines if "GLOBAL" in line or "global" in line]
-    return (blocked or lines or [type(error).__name__])[0][:300]
+    return (lines or [type(error).__name__])[0][:300]
+
+
+def load_failure(error: BaseException) -> str:
+    """Why torch could not load a file, in a few words; never torch's advice to load it unsafely.
+
+    A pickle naming a class the weights-only unpickler does not admit gives "GLOBAL module.name".
+    """
+    text = str(error)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if blocked:
+        return f"GLOBAL {blocked.group(1)}"
+    first = _first_line(error)
+    if "weights_only" in text or "Weights only" in text or len(first) < 12:
+        return "damaged, or not written by torch.save"
+    if "mmap" in first:  # mmap needs the zip format that torch.save writes since torch 1.6
+        return "an old (pre-zip) torch file"
+    return first

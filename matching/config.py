@@ -96,6 +96,7 @@ class TrainConfig:
     features_in_memory: bool = False  # keep all region features in RAM
     mixed_precision: bool = False  # autocast to bfloat16 on GPU
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
+    length_buckets: bool = False  # batches of similar-length captions (less padding; the paper shuffles uniformly)
     captions_per_image: int = 5  # captions per validation image
     val_images: int = 1000  # validate on the first N images of the val split (0 = all), as SGRAF does
     checkpoint_every: int = 500  # steps between mid-epoch checkpoints (0 = only at epoch ends)
@@ -207,39 +208,77 @@ def load_config_file(path: str) -> dict[str, Any]:
     return read_yaml_mapping(path, "config file", "a mapping with 'model' and/or 'train' sections")
 
 
-def resolve_config(*, preset: str | None = None, config_file: str | None = None, variant: str | None = None,
-                   overrides: dict[str, Any] | None = None, sets: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the run's Config: defaults < preset < config file < variant < overrides < ``--set section.key=value``.
+# Fields a resumed run may change: they alter neither the saved weights' meaning nor the data order.
+RESUMABLE = frozenset({"train.epochs", "train.lr_decay_epoch", "train.workers", "train.features_in_memory",
+                       "train.checkpoint_every", "train.log_every"})
 
-    `overrides` maps "model.embed_size"-style names to values (None values are ignored).
+
+def requested_settings(*, preset: str | None = None, config_file: str | None = None, variant: str | None = None,
+                       overrides: dict[str, Any] | None = None,
+                       sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a user asked for, as ``{"section.field": value}``, in precedence order.
+
+    Defaults < preset < config file < variant < overrides (None values ignored) < ``--set
+    section.key=value``; a later layer replaces an earlier one. Only the fields named somewhere
+    appear, so a resumed run can tell what the user asked to change.
     """
-    payload: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    dotted: dict[str, Any] = {}
     if preset:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        payload["train"].update(PRESETS[preset])
+        dotted.update({f"train.{k}": v for k, v in PRESETS[preset].items()})
     if config_file:
         loaded = load_config_file(config_file)
         unknown = set(loaded) - {"model", "train"}
         if unknown:
             raise ConfigError(f"{config_file}: unknown section(s) {', '.join(sorted(unknown))}; expected model, train")
         for section in ("model", "train"):
-            if not isinstance(loaded.get(section, {}), dict):
+            if not isinstance(loaded.get(section) or {}, dict):
                 raise ConfigError(f"{config_file}: section {section!r} must be a mapping")
-            payload[section].update(loaded.get(section) or {})
+            dotted.update({f"{section}.{k}": v for k, v in (loaded.get(section) or {}).items()})
     if variant:
         if variant not in VARIANTS:
             raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-        payload["model"].update(VARIANTS[variant])
-    dotted = {k: v for k, v in (overrides or {}).items() if v is not None}
+        dotted.update({f"model.{k}": v for k, v in VARIANTS[variant].items()})
+    dotted.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for item in sets:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. model.lambda_i2t=4")
         key, value = item.split("=", 1)
         dotted[key.strip()] = value.strip()
+    for key in dotted:
+        section, _, name = key.partition(".")
+        if section not in ("model", "train") or not name:
+            raise ConfigError(f"{key!r}: expected model.<field> or train.<field>")
+    return dotted
+
+
+def apply_settings(config: Config, dotted: dict[str, Any]) -> Config:
+    """A copy of `config` with ``{"section.field": value}`` applied and checked."""
+    payload = config.to_dict()
     for key, value in dotted.items():
         section, _, name = key.partition(".")
-        if section not in payload or not name:
-            raise ConfigError(f"{key!r}: expected model.<field> or train.<field>")
         payload[section][name] = value
     return Config.from_dict(payload)
+
+
+def resolve_config(*, preset: str | None = None, config_file: str | None = None, variant: str | None = None,
+                   overrides: dict[str, Any] | None = None, sets: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the run's Config: defaults < preset < config file < variant < overrides < ``--set section.key=value``.
+
+    `overrides` maps "model.embed_size"-style names to values (None values are ignored).
+    """
+    return apply_settings(Config(), requested_settings(preset=preset, config_file=config_file, variant=variant,
+                                                       overrides=overrides, sets=sets))
+
+
+def settings_differences(config: Config, dotted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{"section.field": (value in config, value asked for)} for the requested fields that differ."""
+    changed = apply_settings(config, dotted).to_dict()
+    current = config.to_dict()
+    differences = {}
+    for key in dotted:
+        section, _, name = key.partition(".")
+        if changed[section][name] != current[section][name]:
+            differences[key] = (current[section][name], changed[section][name])
+    return differences

@@ -4,9 +4,10 @@
   naming the caption whose image has no features.
 - `PairDataset` reads one pair by caption index: features by random access
   across shards (HDF5 opened per worker process), or from RAM.
-- `LengthBucketSampler` yields batches of captions of similar length, so
-  little padding is computed; the order depends only on (seed, epoch) and an
-  epoch covers every caption exactly once.
+- `EpochBatchSampler` yields an epoch's batches: uniformly shuffled (the
+  paper's training) or, as an option, of captions of similar length (little
+  padding is computed); the order depends only on (seed, epoch) and an epoch
+  covers every caption exactly once.
 - `collate_pairs` pads a batch.
 """
 
@@ -123,25 +124,29 @@ def collate_pairs(items: Sequence[tuple[torch.Tensor, int, torch.Tensor, int, in
                  image_index=torch.tensor([item[4] for item in items]))
 
 
-class LengthBucketSampler(Sampler[list[int]]):
-    """Batches of similar-length captions, every caption once per epoch, order fixed by (seed, epoch).
+class EpochBatchSampler(Sampler[list[int]]):
+    """An epoch's batches, every caption once, the order fixed by (seed, epoch).
 
-    The captions are shuffled, cut into pools of `pool_batches` batches, each
-    pool is sorted by length and cut into batches, and the batches are
-    shuffled; a pool's last batch of a single caption joins the batch before
-    it. `start_batch` skips the first batches of the epoch (resume).
+    By default the captions are shuffled uniformly and cut into batches, as the
+    paper trains: the hardest negative of a caption may be any caption. With
+    `length_buckets` the shuffled captions are cut into pools of `pool_batches`
+    batches, each pool is sorted by length and cut into batches, and the batches
+    are shuffled: less padding is computed, but a caption's negatives are then
+    captions of similar length. A last batch of a single caption joins the batch
+    before it. `start_batch` skips the first batches of the epoch (resume).
     With `num_replicas` > 1, `batch_size` is the global batch and each rank
     yields its contiguous slice of every global batch (DistributedDataParallel),
     so N processes see exactly the batches one process would.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, pool_batches: int = 50,
-                 drop_last: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, length_buckets: bool = False,
+                 pool_batches: int = 50, drop_last: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
+        self.length_buckets = length_buckets
         self.pool_batches = pool_batches
         self.drop_last = drop_last
         self.num_replicas = num_replicas
@@ -156,11 +161,12 @@ class LengthBucketSampler(Sampler[list[int]]):
         """All batches of the current epoch, for every rank, before `start_batch` is applied."""
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths))
-        pool = self.batch_size * self.pool_batches
+        pool = self.batch_size * self.pool_batches if self.length_buckets else max(1, len(order))
         batches: list[list[int]] = []
         for start in range(0, len(order), pool):
             chunk = order[start:start + pool]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            if self.length_buckets:
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             cut = [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
             if len(cut) > 1 and len(cut[-1]) < 2:  # a lone caption has no negatives: join its neighbour
                 cut[-2].extend(cut.pop())

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from matching.batchnorm import MaskedBatchNorm1d
 from matching.tensors import l2norm, length_mask, masked_mean, masked_softmax, xavier_init_
 
 
@@ -36,13 +37,14 @@ class SelfAttentionPooling(nn.Module):
     The mean of the valid local vectors is the query; each local vector gets a
     softmax weight from tanh(W_l v_i) ⊙ tanh(W_g q̄); the weighted sum is
     l2-normalised. For images the local branch batch-normalises per region
-    index (`num_regions` channels), as the reference code does.
+    index (`num_regions` channels), as the reference code does, with training
+    statistics taken over the valid regions only (`MaskedBatchNorm1d`).
     """
 
     def __init__(self, embed_size: int, dropout: float, num_regions: int | None = None) -> None:
         super().__init__()
-        local_norm = [nn.BatchNorm1d(num_regions)] if num_regions else []
-        global_norm = [nn.BatchNorm1d(embed_size)] if num_regions else []
+        local_norm = [MaskedBatchNorm1d(num_regions)] if num_regions else []
+        global_norm = [MaskedBatchNorm1d(embed_size)] if num_regions else []
         self.local_proj = nn.Sequential(nn.Linear(embed_size, embed_size), *local_norm, nn.Tanh(),
                                         nn.Dropout(dropout))
         self.global_proj = nn.Sequential(nn.Linear(embed_size, embed_size), *global_norm, nn.Tanh(),
@@ -52,9 +54,16 @@ class SelfAttentionPooling(nn.Module):
     def forward(self, local: Tensor, mask: Tensor) -> Tensor:
         """local (B, N, d), mask (B, N) → global (B, d)."""
         query = masked_mean(local, mask)  # (B, d)
-        common = self.local_proj(local) * self.global_proj(query).unsqueeze(1)  # (B, N, d)
+        common = _run(self.local_proj, local, mask) * _run(self.global_proj, query).unsqueeze(1)  # (B, N, d)
         weights = masked_softmax(self.score(common).squeeze(-1), mask)  # (B, N)
         return l2norm((weights.unsqueeze(-1) * local).sum(dim=1))
+
+
+def _run(layers: nn.Sequential, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Apply Linear → (MaskedBatchNorm1d) → Tanh → Dropout, handing the padding mask to the norm."""
+    for layer in layers:
+        x = layer(x, mask) if isinstance(layer, MaskedBatchNorm1d) else layer(x)
+    return x
 
 
 class ImageEncoder(nn.Module):

@@ -21,6 +21,10 @@ F30K_TEST_IMAGES = 1000
 _ROW_CHUNK = 256
 
 
+class MetricsError(ValueError):
+    """A protocol that does not fit the data (image count, folds); the message says what would."""
+
+
 def _check(sims: np.ndarray, captions_per_image: int) -> np.ndarray:
     sims = np.asarray(sims)
     if sims.ndim != 2:
@@ -88,7 +92,7 @@ def fold_metrics(sims: np.ndarray, fold_images: int, captions_per_image: int = 5
     sims = _check(sims, captions_per_image)
     n = sims.shape[0]
     if n % fold_images or n == 0:
-        raise ValueError(f"{n} images do not split into folds of {fold_images}")
+        raise MetricsError(f"{n} images do not split into folds of {fold_images}")
     folds = []
     for f in range(n // fold_images):
         rows = slice(f * fold_images, (f + 1) * fold_images)
@@ -99,15 +103,15 @@ def fold_metrics(sims: np.ndarray, fold_images: int, captions_per_image: int = 5
 
 
 def protocol_names(n_images: int, protocol: str) -> list[str]:
-    """The protocols a request resolves to for `n_images` test images; ValueError if it cannot apply.
+    """The protocols a request resolves to for `n_images` test images; MetricsError if it cannot apply.
 
     Called before scoring, so a mismatch is reported before any work is done.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise MetricsError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     expected = {"coco1k": COCO_TEST_IMAGES, "coco5k": COCO_TEST_IMAGES, "f30k": F30K_TEST_IMAGES}
     if protocol in expected and n_images != expected[protocol]:
-        raise ValueError(f"protocol {protocol} needs {expected[protocol]} test images, "
+        raise MetricsError(f"protocol {protocol} needs {expected[protocol]} test images, "
                          f"the split has {n_images}; use --protocol full")
     if protocol == "all":
         return {COCO_TEST_IMAGES: ["coco1k", "coco5k"], F30K_TEST_IMAGES: ["f30k"]}.get(n_images, ["full"])

@@ -3,36 +3,60 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from extract.safeio import atomic_write_with, write_json
 from extract.shards import FeatureStore, ShardFormatError
 from matching import checkpoint
-from matching.captions import evaluation_set, read_captions
+from matching.captions import evaluation_set, read_captions, read_split, resolve_image_ids
 from matching.encoders import Embedded
-from matching.evaluation import evaluate_protocol, protocol_names
+from matching.evaluation import MetricsError, evaluate_protocol, protocol_names
 from matching.model import TSHSR
 from matching.scoring import StoreImages, score_matrix
-from matching.text import Vocabulary, VocabularyError
+from matching.text import Vocabulary, VocabularyError, tokenize
 
 
 @dataclass
 class EvaluationResult:
     results: dict[str, dict[str, Any]]  # protocol name → metrics
-    sims: np.ndarray  # (n_images, n_images · cpi)
+    sims: np.ndarray  # (n_images, n_images · cpi): the mean of the sources' matrices
     image_ids: list[str]
     num_captions: int
+    split: str | None
+    sources: list[str]  # the checkpoints and score files averaged
+
+    def to_json(self, **context: Any) -> dict[str, Any]:
+        """The metrics file's content (`write_metrics`), with `context` (paths, …) first."""
+        return {**context, "split": self.split, "sources": self.sources, "num_images": len(self.image_ids),
+                "num_captions": self.num_captions, "results": self.results}
 
 
-def check_features(store: FeatureStore, img_dim: int, num_regions: int) -> None:
+def write_metrics(path: str | os.PathLike, result: EvaluationResult, **context: Any) -> Path:
+    """Write an evaluation's metrics as JSON, atomically (the evaluate command and the pipeline's stage)."""
+    return write_json(path, result.to_json(**context))
+
+
+def write_sims(path: str | os.PathLike, sims: np.ndarray) -> Path:
+    """Save a score matrix as .npy, atomically (a full disk leaves no 0-byte file)."""
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, sims)
+
+    return atomic_write_with(path, save)
+
+
+def check_features(store: FeatureStore, img_dim: int, num_regions: int, checkpoint_path: object = "the model") -> None:
     """The feature directory must fit the model's input: a clear error otherwise."""
     if store.feature_dim != img_dim:
-        raise ShardFormatError(f"{store.directory}: features are {store.feature_dim}-d, the model "
+        raise ShardFormatError(f"{store.directory}: features are {store.feature_dim}-d, {checkpoint_path} "
                                f"expects {img_dim}-d region features")
     if store.max_boxes > num_regions:
-        raise ShardFormatError(f"{store.directory}: images have up to {store.max_boxes} boxes, the model "
+        raise ShardFormatError(f"{store.directory}: images have up to {store.max_boxes} boxes, {checkpoint_path} "
                                f"was built for {num_regions}")
 
 
@@ -46,43 +70,73 @@ def check_vocab(vocab: Vocabulary, vocab_path: str | os.PathLike) -> None:
                               f"({len(given)} vs {len(vocab)} words, first difference at index {differ})")
 
 
+def load_sims(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
+    """A saved score matrix (`--save-sims`) for the same images and captions; MetricsError otherwise."""
+    try:
+        sims = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise MetricsError(f"{path}: not a readable .npy score matrix ({str(error).splitlines()[0][:200]})") from None
+    if sims.shape != shape:
+        raise MetricsError(f"{path}: score matrix of shape {sims.shape}, but this split gives {shape} "
+                           "(images × captions); was it saved for another split or --captions-per-image?")
+    if not np.isfinite(sims).all():
+        raise MetricsError(f"{path}: the score matrix holds NaN or infinite values")
+    return sims.astype(np.float32)
+
+
 def evaluate_checkpoint(
-    checkpoint_path: str | os.PathLike,
+    checkpoint_path: str | os.PathLike | Sequence[str | os.PathLike],
     features: str | os.PathLike,
     captions: str | os.PathLike,
     *,
+    sims_files: Sequence[str | os.PathLike] = (),
     split: str | None = "test",
     protocol: str = "all",
     captions_per_image: int = 5,
     vocab_path: str | os.PathLike | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     batch_size: int = 128,
     memory_budget: int | None = None,
     progress: bool = False,
 ) -> EvaluationResult:
     """Score a split's images against its captions and compute the retrieval metrics.
 
-    Under torchrun the images are shared among the ranks (each scores its slice of
-    the matrix's rows) and every rank gets the same result.
+    Several checkpoints (and score matrices saved by ``--save-sims``) are ensembled by
+    averaging their score matrices, as SGRAF's SAF+SGR ensemble does. Under torchrun the
+    images are shared among the ranks (each scores its slice of the matrix's rows) and every
+    rank gets the same result.
     """
     from matching.distributed import score_matrix_ranks, setup, teardown
 
-    model, config, vocab = checkpoint.load(checkpoint_path)
+    checkpoints = [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
+    if not checkpoints and not sims_files:
+        raise MetricsError("nothing to evaluate: give a checkpoint or a saved score matrix")
+    loaded = [checkpoint.load(path) for path in checkpoints]  # every file checked before any scoring
     if vocab_path is not None:
-        check_vocab(vocab, vocab_path)
+        for _, _, vocab in loaded:
+            check_vocab(vocab, vocab_path)
     store = FeatureStore(features)
-    check_features(store, config.model.img_dim, config.model.num_regions)
-    image_ids, ordered = evaluation_set(read_captions(captions, split), store.image_ids, captions_per_image)
+    for path, (_, config, _) in zip(checkpoints, loaded, strict=True):
+        check_features(store, config.model.img_dim, config.model.num_regions, path)
+    selected = read_split(captions, split, "evaluation") if split else read_captions(captions)
+    image_ids, ordered = evaluation_set(selected, store.image_ids, captions_per_image)
     protocol_names(len(image_ids), protocol)  # fail before scoring
-    tokens = [vocab.encode(c.text) for c in ordered]
-    ctx, device_t = setup(device)
+    shape = (len(image_ids), len(ordered))
+    matrices = [load_sims(path, shape) for path in sims_files]
+    launch, device_t = setup(device) if loaded else (None, None)
     try:
-        sims = score_matrix_ranks(model, StoreImages(store, image_ids), tokens, ctx, device_t,
-                                  batch_size=batch_size, memory_budget=memory_budget,
-                                  progress=progress and ctx.is_main)
+        for model, _, vocab in loaded:
+            tokens = [vocab.encode(c.text) for c in ordered]
+            matrices.append(score_matrix_ranks(model, StoreImages(store, image_ids), tokens, launch, device_t,
+                                               batch_size=batch_size, memory_budget=memory_budget,
+                                               progress=progress and launch.is_main))
     finally:
-        teardown(ctx)
-    return EvaluationResult(evaluate_protocol(sims, protocol, captions_per_image), sims, image_ids, len(ordered))
+        if launch is not None:
+            teardown(launch)
+    sims = matrices[0] if len(matrices) == 1 else np.mean(matrices, axis=0, dtype=np.float64).astype(np.float32)
+    sources = [str(p) for p in sims_files] + [str(p) for p in checkpoints]
+    return EvaluationResult(evaluate_protocol(sims, protocol, captions_per_image), sims, image_ids, len(ordered),
+                            split, sources)
 
 
 class QueryError(ValueError):
@@ -101,11 +155,13 @@ class Hit:
     regions: list[tuple[list[float], float]] | None = None  # (box x1 y1 x2 y2, attention weight), strongest first
 
 
-def encode_query(vocab: Vocabulary, text: str) -> list[int]:
+def encode_query(vocab: Vocabulary, text: str) -> tuple[list[int], list[str]]:
+    """(token ids, the words the vocabulary does not know and the model therefore ignores)."""
     tokens = vocab.encode(text)
+    unknown = [word for word in tokenize(text) if word not in vocab.word2idx]
     if all(t == 3 for t in tokens[1:-1]):
         raise QueryError(f"none of the words of {text!r} is in the model's vocabulary of {len(vocab)} words")
-    return tokens
+    return tokens, unknown
 
 
 def attended_regions(model: TSHSR, store: FeatureStore, image_id: str, tokens: list[int],
@@ -131,7 +187,7 @@ def search_images(model: TSHSR, vocab: Vocabulary, store: FeatureStore, text: st
                   image_ids: list[str] | None = None, device: str = "cpu", batch_size: int = 128,
                   with_regions: bool = False, encoded: Embedded | None = None) -> list[Hit]:
     """The gallery's `k` best images for a text, best first (`encoded`: the gallery from an index)."""
-    tokens = encode_query(vocab, text)
+    tokens, _ = encode_query(vocab, text)
     gallery = image_ids if image_ids is not None else store.image_ids
     images = encoded if encoded is not None else StoreImages(store, gallery)
     scores = score_matrix(model, images, [tokens], device=device, batch_size=batch_size)[:, 0]
@@ -146,8 +202,6 @@ def search_images(model: TSHSR, vocab: Vocabulary, store: FeatureStore, text: st
 def search_captions(model: TSHSR, vocab: Vocabulary, store: FeatureStore, image_id: str,
                     captions: list, *, k: int = 10, device: str = "cpu", batch_size: int = 128) -> list[Hit]:
     """The `k` captions (matching.captions.Caption objects) that best describe an image, best first."""
-    from matching.captions import resolve_image_ids
-
     resolved = resolve_image_ids([image_id], store.image_ids)
     if image_id not in resolved:
         raise QueryError(f"image {image_id!r} is not in {store.directory}")
@@ -159,3 +213,69 @@ def search_captions(model: TSHSR, vocab: Vocabulary, store: FeatureStore, image_
     return [Hit(rank + 1, float(scores[i]), captions[i].text, feature_id,
                 matches_query_image=owners.get(captions[i].image_id) == feature_id)
             for rank, i in enumerate(order)]
+
+
+@dataclass
+class SearchResult:
+    """What `search` found, and what the user should know about how."""
+
+    hits: list[Hit]
+    mode: str  # "text" (text → images) or "image" (image → captions)
+    query: str
+    ignored_words: list[str] = field(default_factory=list)  # query words outside the vocabulary
+    index_built: bool = False  # the gallery was encoded into a new index file by this call
+    gallery_size: int = 0
+
+
+def search(
+    checkpoint_path: str | os.PathLike,
+    features: str | os.PathLike,
+    *,
+    query: str | None = None,
+    image_id: str | None = None,
+    captions: str | os.PathLike | None = None,
+    split: str | None = None,
+    k: int = 10,
+    index_path: str | os.PathLike | None = None,
+    rebuild_index: bool = False,
+    with_regions: bool = False,
+    device: str = "auto",
+) -> SearchResult:
+    """Rank the gallery's images for a text `query`, or the captions of `captions` for an `image_id`.
+
+    `captions` + `split` limit a text search to the images of that split; `index_path` keeps
+    the gallery encoded by the model between searches (`matching.index.open_index`).
+    QueryError, CaptionFormatError, ShardFormatError … for input that cannot be answered.
+    """
+    from extract.runtime import resolve_device
+    from matching.index import open_index
+
+    if (query is None) == (image_id is None):
+        raise QueryError("give either a text QUERY or --image ID")
+    if image_id is not None and captions is None:
+        raise QueryError("--image needs --captions: the captions to rank")
+    if split and captions is None:
+        raise QueryError(f"--split {split} needs --captions: the file that says which images are in it")
+    target = resolve_device(device)
+    model, config, vocab = checkpoint.load(checkpoint_path, map_location=target)
+    store = FeatureStore(features)
+    check_features(store, config.model.img_dim, config.model.num_regions, checkpoint_path)
+    selected = None
+    if captions is not None:
+        selected = read_split(captions, split, "search") if split else read_captions(captions)
+    if image_id is not None:
+        hits = search_captions(model, vocab, store, image_id, selected or [], k=k, device=target)
+        return SearchResult(hits, "image", image_id, gallery_size=len(selected or []))
+    gallery = store.image_ids
+    if selected is not None:
+        gallery = sorted(set(resolve_image_ids({c.image_id for c in selected}, store.image_ids).values()))
+        if not gallery:
+            raise QueryError(f"{captions}: none of its {split or ''} images is in {store.directory}")
+    _, ignored = encode_query(vocab, query)
+    encoded, built = None, False
+    if index_path is not None:
+        index = open_index(index_path, model, checkpoint_path, store, gallery, rebuild=rebuild_index, device=target)
+        encoded, built = index.encoded, index.built
+    hits = search_images(model, vocab, store, query, k=k, image_ids=gallery, device=target,
+                         with_regions=with_regions, encoded=encoded)
+    return SearchResult(hits, "text", query, ignored, built, len(gallery))

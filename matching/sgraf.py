@@ -56,9 +56,9 @@ def read_sgraf(path: str | os.PathLike) -> dict[str, Any]:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"{path}: refused: its pickle names objects an SGRAF checkpoint does not "
-                              f"hold, so it was not loaded ({checkpoint._first_line(error)})") from None
+                              f"hold, so it was not loaded ({checkpoint.load_failure(error)})") from None
     except Exception as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({checkpoint._first_line(error)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({checkpoint.load_failure(error)})") from None
     if not isinstance(payload, dict) or "model" not in payload or "opt" not in payload:
         raise CheckpointError(f"{path}: not an SGRAF checkpoint (expected keys 'model' and 'opt')")
     model = payload["model"]

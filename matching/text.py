@@ -16,6 +16,8 @@ from pathlib import Path
 
 from nltk.tokenize import NLTKWordTokenizer
 
+from extract.safeio import write_text
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 _TOKENIZER = NLTKWordTokenizer()
@@ -72,10 +74,8 @@ class Vocabulary:
                 "idx": len(self.words)}
 
     def save(self, path: str | os.PathLike) -> None:
-        target = Path(path)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json()), encoding="utf-8")
-        os.replace(tmp, target)
+        """Write the JSON file atomically."""
+        write_text(path, json.dumps(self.to_json()))
 
     @classmethod
     def from_json(cls, payload: object, source: str = "vocabulary") -> Vocabulary:
@@ -105,3 +105,20 @@ class Vocabulary:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise VocabularyError(f"{path}: unreadable vocabulary ({error})") from None
         return cls.from_json(payload, str(path))
+
+
+def build_vocabulary(captions: str | os.PathLike, out: str | os.PathLike, *,
+                     splits: Sequence[str] = ("train", "val"), threshold: int = 4) -> tuple[Vocabulary, int]:
+    """Count the words of the `splits` captions of a caption file and write `out` (SGRAF's layout).
+
+    Returns (the vocabulary, how many captions were counted). A split the file does not
+    have is a CaptionFormatError naming the splits it has.
+    """
+    from matching.captions import read_split
+
+    if threshold < 1:
+        raise VocabularyError(f"the threshold must be at least 1, not {threshold}")
+    selected = read_split(captions, list(splits), "the vocabulary")
+    built = Vocabulary.build((c.text for c in selected), threshold)
+    built.save(out)
+    return built, len(selected)

@@ -1,29 +1,33 @@
-"""Training: features + captions + vocabulary → ``runs/NAME/`` (DESIGN §5.9, issue "Training").
+"""Training: features + captions + vocabulary → a run directory (DESIGN §5.9; files in `matching.rundir`).
 
-A run directory holds::
+`train` is the one entry point (the `train` command, the pipeline's train stage and the
+tests call it):
 
-    config.yaml          the resolved Config
-    checkpoint_last.pt   model, optimizer, epoch, step, RNG states: resume point
-    model_best.pt        the best epoch by validation rsum (a plain checkpoint)
-    metrics.csv          one row per epoch
-    train.log            the log lines printed to the console
-    events.*             TensorBoard scalars (loss per step, metrics per epoch)
-
-`--resume` continues exactly where a killed or interrupted run stopped: the
-data order depends only on (seed, epoch), the checkpoint keeps the RNG
-states and the position inside the epoch, so on the CPU the losses after a
-resume equal those of an uninterrupted run.
+- the run directory belongs to one process (a lock file with its host and pid); a
+  directory that holds a run is reused only to `resume` it or with `overwrite`;
+- `resume` continues exactly where a killed or interrupted run stopped: the data order
+  depends only on (seed, epoch), the checkpoint keeps the RNG states and the position
+  inside the epoch, so on the CPU the losses after a resume equal those of an
+  uninterrupted run. The saved config wins; the settings asked for (`requested`) may change
+  only the fields of `matching.config.RESUMABLE` (more epochs…), anything else is refused
+  with the difference;
+- `init_from` starts a new run from another checkpoint's weights (fine-tuning);
+- SIGINT/SIGTERM stop after the current step with a checkpoint, and the result says which
+  signal stopped the run (the command exits 130 or 143);
+- every line is logged to the console and to train.log; without a terminal (batch jobs)
+  the progress bar gives way to a line every `log_every` steps with the loss, the speed and
+  the time left.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import math
 import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,39 +35,26 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch.utils.data import DataLoader
 
+from extract.runtime import Launch, StopSignals, interactive, progress_bar
 from extract.shards import FeatureStore
 from matching import checkpoint
-from matching.captions import evaluation_set, read_captions
-from matching.config import Config
-from matching.data import Batch, LengthBucketSampler, PairDataset, build_pairs, collate_pairs
-from matching.distributed import (
-    DistContext,
-    GlobalBatchScores,
-    agree,
-    convert_batchnorm,
-    gather_rows,
-    rng_states,
-    score_matrix_ranks,
-    setup,
-    teardown,
-)
+from matching.captions import evaluation_set, read_captions, read_split
+from matching.config import RESUMABLE, Config, apply_settings, settings_differences
+from matching.data import Batch, EpochBatchSampler, PairDataset, build_pairs, collate_pairs
+from matching.distributed import GlobalBatchScores, agree, gather_rows, rng_states, score_matrix_ranks, setup, teardown
 from matching.evaluation import recall_metrics
 from matching.loss import hardest_negative_loss, hinge_rows
 from matching.model import TSHSR, build_model
+from matching.rundir import RECALL_FIELDS, RunDirectory, RunError
 from matching.scoring import StoreImages
 from matching.text import Vocabulary
 
 COLLAPSE_SPREAD = 1e-4  # score std below this across a batch means every pair scores the same
 COLLAPSE_STEPS = 20  # consecutive collapsed steps before the warning
-CSV_FIELDS = ["epoch", "step", "lr", "train_loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
-              "t2i_r10", "rsum", "best_rsum", "seconds"]
 
-
-class RunError(ValueError):
-    """A run directory cannot be used as asked (exists without --resume, nothing to resume)."""
+__all__ = ["RunError", "TrainResult", "learning_rate", "train", "train_step"]
 
 
 @dataclass
@@ -75,7 +66,8 @@ class TrainResult:
     global_step: int
     losses: list[float] = field(default_factory=list)  # every step of this invocation, in order
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics rows of this invocation
-    interrupted: bool = False
+    interrupted: bool = False  # stopped before the last epoch (a signal or max_steps); --resume continues
+    stopped_by: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if one did
 
 
 def learning_rate(config: Config, epoch: int) -> float:
@@ -111,258 +103,58 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step and save a checkpoint."""
+# --------------------------------------------------------------------------- data
 
-    def __init__(self) -> None:
-        self.stop = False
-        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no signal handling
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.stop = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+@dataclass
+class TrainingData:
+    store: FeatureStore
+    dataset: PairDataset
+    validation: tuple[list[str], list[list[int]]] | None  # (image ids, their captions' tokens), or none
 
 
 def load_training_data(config: Config, features: Path, captions: Path, vocab: Vocabulary, train_split: str,
-                       val_split: str | None) -> tuple[FeatureStore, Config, PairDataset, tuple | None]:
-    """Open the data, fit the model config to it, and build the train set and the validation set."""
+                       val_split: str | None, log: Callable[[str], None]) -> tuple[Config, TrainingData]:
+    """Open the data, fit the model config to it (region count, feature width, vocabulary size),
+    and build the train set and the validation set."""
     store = FeatureStore(features)
-    if store.feature_dim != config.model.img_dim or store.max_boxes != config.model.num_regions:
-        # Region count and feature width are facts of the data, not choices.
-        config = config.updated(model={"img_dim": store.feature_dim, "num_regions": store.max_boxes})
-    config = config.updated(model={"vocab_size": len(vocab)})
-    pairs = build_pairs(read_captions(captions, train_split), store.image_ids, vocab)
+    # Region count and feature width are facts of the data, not choices.
+    config = config.updated(model={"img_dim": store.feature_dim, "num_regions": store.max_boxes,
+                                   "vocab_size": len(vocab)})
+    pairs = build_pairs(read_split(captions, train_split, "training"), store.image_ids, vocab)
     dataset = PairDataset(store, pairs, in_memory=config.train.features_in_memory)
     validation = None
-    if val_split:
+    if not val_split:
+        log("note: no validation split (--val-split ''): model_best.pt is the last epoch")
+    else:
         # Unsplit captions are training data; validation needs captions marked as the val split.
         val_captions = [c for c in read_captions(captions, val_split) if c.split is not None]
-        if val_captions:
+        if not val_captions:
+            log(f"note: {captions} has no captions marked '{val_split}': no validation; "
+                "model_best.pt is the last epoch")
+        else:
             image_ids, ordered = evaluation_set(val_captions, store.image_ids, config.train.captions_per_image)
             if config.train.val_images:
                 image_ids = image_ids[: config.train.val_images]
                 ordered = ordered[: len(image_ids) * config.train.captions_per_image]
             validation = (image_ids, [vocab.encode(c.text) for c in ordered])
-    return store, config, dataset, validation
+    return config, TrainingData(store, dataset, validation)
 
 
-def validate(model: TSHSR, store: FeatureStore, validation: tuple, config: Config, device: torch.device,
-             ctx: DistContext | None = None) -> dict:
+def validate(model: TSHSR, data: TrainingData, config: Config, device: torch.device,
+             launch: Launch | None = None) -> dict[str, float]:
     """Recall metrics on the validation images (all of them against all their captions).
 
     Under torchrun the images are shared among the ranks and every rank gets the metrics.
     """
-    image_ids, tokens = validation
-    sims = score_matrix_ranks(model, StoreImages(store, image_ids), tokens, ctx or DistContext(), device,
+    assert data.validation is not None
+    image_ids, tokens = data.validation
+    sims = score_matrix_ranks(model, StoreImages(data.store, image_ids), tokens, launch or Launch(), device,
                               batch_size=max(config.train.batch_size, 32))
     return recall_metrics(sims, config.train.captions_per_image)
 
 
-def train(
-    config: Config,
-    *,
-    features: str | os.PathLike,
-    captions: str | os.PathLike,
-    vocab_path: str | os.PathLike,
-    run_dir: str | os.PathLike,
-    resume: bool = False,
-    device: str = "cpu",
-    train_split: str = "train",
-    val_split: str | None = "val",
-    max_steps: int | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> TrainResult:
-    """Train a model; returns where it is and how it did.
-
-    Started by torchrun (``torchrun --nproc_per_node=N -m pipelines.cli train …``), the
-    processes train together with DistributedDataParallel: `batch_size` is each
-    process's share, the loss sees the global batch of N × batch_size, and only
-    rank 0 writes files and logs.
-
-    Args:
-        config: the recipe and the model (img_dim, num_regions and vocab_size are
-            taken from the data).
-        features, captions, vocab_path: the data.
-        run_dir: the run directory; must not hold a run unless `resume`.
-        resume: continue the run in `run_dir` from its checkpoint_last.pt (its
-            saved config wins over `config`).
-        max_steps: stop (with a checkpoint, as if interrupted) after this many
-            optimizer steps of this invocation.
-    """
-    ctx, device_t = setup(device)
-    try:
-        return _train(config, ctx=ctx, device=device_t, features=Path(features), captions=Path(captions),
-                      vocab_path=Path(vocab_path), run_dir=Path(run_dir), resume=resume, train_split=train_split,
-                      val_split=val_split, max_steps=max_steps, progress=progress and ctx.is_main,
-                      log=log if ctx.is_main else (lambda line: None))
-    finally:
-        teardown(ctx)
-
-
-def _train(config: Config, *, ctx: DistContext, device: torch.device, features: Path, captions: Path,
-           vocab_path: Path, run_dir: Path, resume: bool, train_split: str, val_split: str | None,
-           max_steps: int | None, progress: bool, log: Callable[[str], None]) -> TrainResult:
-    last = run_dir / "checkpoint_last.pt"
-    if resume:
-        if not last.exists():
-            raise RunError(f"{run_dir}: nothing to resume (no checkpoint_last.pt)")
-        state = checkpoint.load_payload(last)
-        config = Config.from_dict(state["config"])
-    else:
-        if last.exists():
-            raise RunError(f"{run_dir}: a run already exists here; pass --resume to continue it "
-                           "or choose another --name")
-        state = None
-        config.train.validate()
-    vocab = Vocabulary.load(vocab_path)
-    if state is not None and Vocabulary(state["vocab"]) != vocab:
-        raise RunError(f"{vocab_path}: not the vocabulary {run_dir} was trained with")
-    store, config, dataset, validation = load_training_data(config, features, captions, vocab,
-                                                            train_split, val_split)
-    if validation is None:
-        log(f"note: no '{val_split}' captions: no validation; model_best.pt is the last epoch")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
-        torch.backends.cudnn.allow_tf32 = config.train.allow_tf32
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    if ctx.enabled:
-        log(f"{ctx.world_size} processes × batch {config.train.batch_size} = global batch "
-            f"{ctx.world_size * config.train.batch_size}")
-
-    seed_everything(config.train.seed)
-    model = build_model(config.model).to(device)
-    ddp = None
-    if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        convert_batchnorm(model)
-        ddp = DistributedDataParallel(GlobalBatchScores(model),
-                                      device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.learning_rate)
-    epoch, batch_in_epoch, global_step = 0, 0, 0
-    best_rsum, best_epoch, epoch_loss, epoch_steps = -1.0, -1, 0.0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        progress_state = state["progress"]
-        epoch, batch_in_epoch = progress_state["epoch"], progress_state["batch_in_epoch"]
-        global_step, best_rsum = progress_state["global_step"], progress_state["best_rsum"]
-        best_epoch = progress_state["best_epoch"]
-        epoch_loss, epoch_steps = progress_state["epoch_loss"], progress_state["epoch_steps"]
-        saved = state["rng"]["ranks"]
-        if len(saved) != ctx.world_size:
-            log(f"note: the run was saved by {len(saved)} processes and resumes on {ctx.world_size}: "
-                "the data order and dropout differ from an uninterrupted run from here on")
-        _restore_rng(saved[ctx.rank % len(saved)])
-        log(f"resuming {run_dir} at epoch {epoch + 1}, batch {batch_in_epoch}, step {global_step}")
-
-    sampler = LengthBucketSampler([len(c) for c in dataset.pairs.captions],
-                                  config.train.batch_size * ctx.world_size, seed=config.train.seed,
-                                  num_replicas=ctx.world_size, rank=ctx.rank)
-    # The loader draws a worker seed from its generator at every epoch start; a generator of
-    # its own keeps that draw off the global RNG that dropout uses, so a resume mid-epoch
-    # continues the very same dropout masks.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pairs,
-                        num_workers=config.train.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=config.train.workers > 0,
-                        generator=torch.Generator().manual_seed(config.train.seed))
-    writer = _tensorboard(run_dir, global_step) if ctx.is_main else _NoWriter()
-    result = TrainResult(run_dir, best_rsum, best_epoch, epoch, global_step)
-    collapsed_steps = 0
-    started = time.time()
-
-    def save_last() -> None:  # a collective (RNG states of every rank); rank 0 writes
-        states = rng_states(ctx, _rng_state())
-        if ctx.is_main:
-            checkpoint.save(last, model, config, vocab, optimizer=optimizer.state_dict(), rng={"ranks": states},
-                            progress={"epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
-                                      "best_rsum": best_rsum, "best_epoch": best_epoch, "epoch_loss": epoch_loss,
-                                      "epoch_steps": epoch_steps, "world_size": ctx.world_size})
-
-    with _StopFlag() as flag:
-        while epoch < config.train.epochs:
-            lr = learning_rate(config, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            hardest = config.train.hardest_negatives and epoch >= config.train.warmup_epochs
-            sampler.set_epoch(epoch, batch_in_epoch)
-            model.train()
-            bar = _bar(len(sampler), f"epoch {epoch + 1}/{config.train.epochs}", progress)
-            tick, pairs_seen = time.time(), 0
-            for batch in loader:
-                loss, spread = train_step(model, optimizer, batch, config, device, hardest, ddp=ddp)
-                global_step += 1
-                batch_in_epoch += 1
-                epoch_loss += loss
-                epoch_steps += 1
-                result.losses.append(loss)
-                pairs_seen += len(batch.lengths) * ctx.world_size
-                writer.add_scalar("train/loss", loss, global_step)
-                collapsed_steps = collapsed_steps + 1 if spread < COLLAPSE_SPREAD else 0
-                if collapsed_steps == COLLAPSE_STEPS:
-                    batch_size = len(batch.lengths) * ctx.world_size
-                    log(f"warning: training has collapsed: every pair gets the same score (spread {spread:.1e}) "
-                        f"and the loss is stuck at 2·B·margin = {2 * batch_size * config.train.margin:.1f}. "
-                        "Remedy: train the first epochs on the sum over all negatives (--warmup-epochs 2 or "
-                        "more, until validation recall has climbed); on small datasets also raise --lr (e.g. 3e-3).")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{pairs_seen / max(time.time() - tick, 1e-9):.0f}")
-                if config.train.log_every and global_step % config.train.log_every == 0 and not progress:
-                    log(f"epoch {epoch + 1} step {global_step}: loss {loss:.4f}, lr {lr:.2e}")
-                stop_now = agree(ctx, flag.stop or (max_steps is not None and len(result.losses) >= max_steps),
-                                 device)
-                if stop_now or (config.train.checkpoint_every and global_step % config.train.checkpoint_every == 0):
-                    save_last()
-                if stop_now:
-                    bar.close()
-                    writer.close()
-                    log(f"stopped at epoch {epoch + 1}, step {global_step}; continue with --resume "
-                        f"(checkpoint {last})")
-                    result.interrupted = True
-                    result.global_step, result.epochs_done = global_step, epoch
-                    return result
-            bar.close()
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "lr": lr,
-                                   "train_loss": epoch_loss / max(epoch_steps, 1)}
-            improved = validation is None
-            if validation is not None:
-                metrics = validate(model, store, validation, config, device, ctx)
-                row.update({k: metrics[k] for k in CSV_FIELDS if k in metrics})
-                improved = metrics["rsum"] > best_rsum
-                for key, value in metrics.items():
-                    writer.add_scalar(f"val/{key}", value, global_step)
-            if improved:
-                best_rsum, best_epoch = float(row.get("rsum", 0.0)), epoch + 1
-                if ctx.is_main:
-                    checkpoint.save(run_dir / "model_best.pt", model, config, vocab,
-                                    best={"epoch": best_epoch, "rsum": best_rsum})
-            row.update({"best_rsum": best_rsum, "seconds": round(time.time() - started, 1)})
-            if ctx.is_main:
-                _append_csv(run_dir / "metrics.csv", row)
-            result.history.append(row)
-            log(_epoch_line(row, config.train.epochs, hardest, improved and validation is not None))
-            epoch, batch_in_epoch, epoch_loss, epoch_steps = epoch + 1, 0, 0.0, 0
-            save_last()
-    writer.close()
-    result.best_rsum, result.best_epoch = best_rsum, best_epoch
-    result.epochs_done, result.global_step = epoch, global_step
-    return result
+# --------------------------------------------------------------------------- one step
 
 
 def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, config: Config,
@@ -410,6 +202,368 @@ def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, con
     return value, float(scores.detach().float().std())
 
 
+# --------------------------------------------------------------------------- the run
+
+
+def train(
+    config: Config,
+    *,
+    features: str | os.PathLike,
+    captions: str | os.PathLike,
+    vocab_path: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    overwrite: bool = False,
+    init_from: str | os.PathLike | None = None,
+    requested: Mapping[str, Any] | None = None,
+    device: str = "auto",
+    train_split: str = "train",
+    val_split: str | None = "val",
+    max_steps: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train a model into `run_dir`; returns where it is and how it did.
+
+    Started by torchrun (``torchrun --nproc_per_node=N -m pipelines.cli train …``), the
+    processes train together with DistributedDataParallel: `batch_size` is each
+    process's share, the loss sees the global batch of N × batch_size, and only
+    rank 0 writes files and logs.
+
+    Args:
+        config: the recipe and the model (img_dim, num_regions and vocab_size are
+            taken from the data). Ignored when resuming: the saved config wins.
+        features, captions, vocab_path: the data.
+        run_dir: the run directory; it must not hold a run unless `resume` or `overwrite`.
+        resume: continue the run in `run_dir` from its checkpoint_last.pt.
+        overwrite: delete the run files already in `run_dir` and start again.
+        init_from: a checkpoint whose model config and weights start this run.
+        requested: the settings the caller asked for explicitly (``{"train.epochs": 3}``): on
+            resume they are compared with the saved config; with `init_from` the model fields
+            among them override the checkpoint's.
+        device: auto, cpu, cuda or cuda:N.
+        max_steps: stop (with a checkpoint, as if interrupted) after this many
+            optimizer steps of this invocation.
+        progress: a progress bar on a terminal (else a log line every `log_every` steps).
+        log: where the console lines go (train.log gets them too).
+    """
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite contradict each other: choose one")
+    if resume and init_from:
+        raise RunError("--resume continues a run with its own weights; --init-from starts a new run")
+    launch, device_t = setup(device)
+    run = RunDirectory(Path(run_dir))
+    try:
+        with run.lock() if launch.is_main else contextlib.nullcontext():
+            if launch.is_main:
+                _check_reuse(run, resume, overwrite)
+
+            def say(line: str) -> None:
+                if launch.is_main:
+                    log(line)
+                    run.log(line)
+
+            session = _Session.start(config, run=run, launch=launch, device=device_t, features=Path(features),
+                                     captions=Path(captions), vocab_path=Path(vocab_path), resume=resume,
+                                     init_from=init_from, requested=dict(requested or {}),
+                                     train_split=train_split, val_split=val_split, log=say)
+            return session.fit(max_steps=max_steps, progress=progress and launch.is_main)
+    finally:
+        teardown(launch)
+
+
+def _check_reuse(run: RunDirectory, resume: bool, overwrite: bool) -> None:
+    """A directory holding a run is reused only to resume it, or emptied with --overwrite."""
+    if resume:
+        if not run.last.exists():
+            found = ", ".join(p.name for p in run.run_files())
+            raise RunError(f"{run.path}: nothing to resume (no {run.last.name}"
+                           + (f"; the directory holds {found}: the run stopped before its first checkpoint)"
+                              if found else ")"))
+        return
+    existing = run.run_files()
+    if existing and overwrite:
+        run.clear()
+    elif existing:
+        names = ", ".join(p.name for p in existing[:4]) + (", …" if len(existing) > 4 else "")
+        raise RunError(f"{run.path}: a run already exists here ({names}); pass --resume to continue it, "
+                       "--overwrite to start again, or choose another --name")
+
+
+def _describe(config: Config) -> list[str]:
+    """The resolved config in two log lines."""
+    return [f"config {section}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+            for section, values in config.to_dict().items()]
+
+
+class _Session:
+    """Everything one invocation of `train` holds: model, optimizer, data, position and best so far."""
+
+    def __init__(self, *, config: Config, run: RunDirectory, launch: Launch, device: torch.device,
+                 vocab: Vocabulary, data: TrainingData, log: Callable[[str], None]) -> None:
+        self.config, self.run, self.launch, self.device = config, run, launch, device
+        self.vocab, self.data, self.log = vocab, data, log
+        self.epoch = self.batch_in_epoch = self.global_step = 0
+        self.best_rsum, self.best_epoch = -1.0, -1
+        self.epoch_loss, self.epoch_steps = 0.0, 0
+        seed_everything(config.train.seed)
+        self.model = build_model(config.model).to(device)
+        self.ddp = None
+        if launch.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(GlobalBatchScores(self.model),
+                                               device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.learning_rate)
+
+    # ------------------------------------------------------------------ setup
+
+    @classmethod
+    def start(cls, config: Config, *, run: RunDirectory, launch: Launch, device: torch.device, features: Path,
+              captions: Path, vocab_path: Path, resume: bool, init_from: str | os.PathLike | None,
+              requested: dict[str, Any], train_split: str, val_split: str | None,
+              log: Callable[[str], None]) -> _Session:
+        """Resolve the config (saved, requested, init checkpoint), load the data, build or restore the model."""
+        state = checkpoint.load_payload(run.last) if resume else None
+        source = checkpoint.load_payload(init_from) if init_from else None
+        if state is not None:
+            config = _resumed_config(Config.from_dict(state["config"]), requested, run, log)
+        else:
+            config.train.validate()
+            if source is not None:
+                model_fields = {k: v for k, v in requested.items() if k.startswith("model.")}
+                config = apply_settings(config.updated(model=Config.from_dict(source["config"]).to_dict()["model"]),
+                                        model_fields)
+        vocab = Vocabulary.load(vocab_path)
+        for payload, what in ((state, str(run.path)), (source, str(init_from))):
+            if payload is not None and Vocabulary(payload["vocab"]) != vocab:
+                raise RunError(f"{vocab_path}: not the vocabulary {what} was trained with")
+        fitted, data = load_training_data(config, features, captions, vocab, train_split, val_split, log)
+        for payload, what in ((state, str(run.path)), (source, str(init_from))):
+            if payload is not None:
+                _check_same_data(Config.from_dict(payload["config"]), fitted, features, what)
+        config = fitted
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
+            torch.backends.cudnn.allow_tf32 = config.train.allow_tf32
+        if launch.is_main:
+            run.write_config(config)
+        for line in _describe(config):
+            log(line)
+        if launch.distributed:
+            log(f"{launch.world_size} processes × batch {config.train.batch_size} = global batch "
+                f"{launch.world_size * config.train.batch_size}")
+        session = cls(config=config, run=run, launch=launch, device=device, vocab=vocab, data=data, log=log)
+        if state is not None:
+            session._restore(state)
+        elif source is not None:
+            session.model.load_state_dict(source["model"])
+            log(f"starting from the weights of {init_from}")
+        return session
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        progress = state["progress"]
+        self.epoch, self.batch_in_epoch = progress["epoch"], progress["batch_in_epoch"]
+        self.global_step, self.best_rsum = progress["global_step"], progress["best_rsum"]
+        self.best_epoch = progress["best_epoch"]
+        self.epoch_loss, self.epoch_steps = progress["epoch_loss"], progress["epoch_steps"]
+        saved = state["rng"]["ranks"]
+        if len(saved) != self.launch.world_size:
+            self.log(f"note: the run was saved by {len(saved)} processes and resumes on {self.launch.world_size}: "
+                     "the data order and dropout differ from an uninterrupted run from here on")
+        _restore_rng(saved[self.launch.rank % len(saved)])
+        if self.launch.is_main:  # a crash between an epoch's metrics row and its checkpoint
+            self.run.keep_metrics_until(self.epoch)
+        self.log(f"resuming {self.run.path} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
+                 f"step {self.global_step}")
+
+    # ------------------------------------------------------------------ saving
+
+    def save_last(self) -> None:
+        """checkpoint_last.pt: a collective (every rank's RNG state); rank 0 writes."""
+        states = rng_states(self.launch, _rng_state())
+        if self.launch.is_main:
+            checkpoint.save(self.run.last, self.model, self.config, self.vocab,
+                            optimizer=self.optimizer.state_dict(), rng={"ranks": states},
+                            progress={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                                      "global_step": self.global_step, "best_rsum": self.best_rsum,
+                                      "best_epoch": self.best_epoch, "epoch_loss": self.epoch_loss,
+                                      "epoch_steps": self.epoch_steps, "world_size": self.launch.world_size})
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, *, max_steps: int | None, progress: bool) -> TrainResult:
+        config, launch = self.config, self.launch
+        sampler = EpochBatchSampler([len(c) for c in self.data.dataset.pairs.captions],
+                                    config.train.batch_size * launch.world_size, seed=config.train.seed,
+                                    length_buckets=config.train.length_buckets, num_replicas=launch.world_size,
+                                    rank=launch.rank)
+        # The loader draws a worker seed from its generator at every epoch start; a generator of
+        # its own keeps that draw off the global RNG that dropout uses, so a resume mid-epoch
+        # continues the very same dropout masks.
+        loader = DataLoader(self.data.dataset, batch_sampler=sampler, collate_fn=collate_pairs,
+                            num_workers=config.train.workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=config.train.workers > 0,
+                            generator=torch.Generator().manual_seed(config.train.seed))
+        writer = _tensorboard(self.run.path, self.global_step) if launch.is_main else _NoWriter()
+        result = TrainResult(self.run.path, self.best_rsum, self.best_epoch, self.epoch, self.global_step)
+        if self.epoch >= config.train.epochs:
+            self.log(f"nothing to do: the run has trained all {config.train.epochs} epochs "
+                     "(--resume --epochs N trains more)")
+        bars = progress and interactive()
+        clock = _Clock(config.train.epochs)
+        collapsed = 0
+        try:
+            with StopSignals() as stop:
+                while self.epoch < config.train.epochs:
+                    lr = learning_rate(config, self.epoch)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    hardest = config.train.hardest_negatives and self.epoch >= config.train.warmup_epochs
+                    sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                    steps_in_epoch = self.batch_in_epoch + len(sampler)
+                    self.model.train()
+                    bar = progress_bar(len(sampler), f"epoch {self.epoch + 1}/{config.train.epochs}", "step",
+                                       enabled=bars)
+                    for batch in loader:
+                        loss, spread = train_step(self.model, self.optimizer, batch, config, self.device, hardest,
+                                                  ddp=self.ddp)
+                        self.global_step += 1
+                        self.batch_in_epoch += 1
+                        self.epoch_loss += loss
+                        self.epoch_steps += 1
+                        result.losses.append(loss)
+                        pairs = len(batch.lengths) * launch.world_size
+                        clock.step(pairs)
+                        writer.add_scalar("train/loss", loss, self.global_step)
+                        collapsed = collapsed + 1 if spread < COLLAPSE_SPREAD else 0
+                        if collapsed == COLLAPSE_STEPS:
+                            self.log(_collapse_warning(spread, pairs, config.train.margin))
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{clock.pairs_per_second():.0f}")
+                        every = config.train.log_every
+                        if not bars and every and self.batch_in_epoch % every == 0:
+                            self.log(clock.line(self.epoch, self.batch_in_epoch, steps_in_epoch, loss,
+                                                self.epoch_loss / max(self.epoch_steps, 1), lr))
+                        stop_now = agree(launch, stop.requested or (max_steps is not None
+                                                                    and len(result.losses) >= max_steps),
+                                         self.device)
+                        if stop_now or (config.train.checkpoint_every
+                                        and self.global_step % config.train.checkpoint_every == 0):
+                            self.save_last()
+                        if stop_now:
+                            bar.close()
+                            why = "--max-steps" if stop.signum is None else signal.Signals(stop.signum).name
+                            self.log(f"stopped at epoch {self.epoch + 1}, step {self.global_step}; continue with "
+                                     f"--resume (checkpoint {self.run.last}; stopped by {why})")
+                            result.interrupted, result.stopped_by = True, stop.signum
+                            return self._finish(result)
+                    bar.close()
+                    self._end_epoch(result, lr, hardest, clock, writer)
+        finally:
+            writer.close()
+        return self._finish(result)
+
+    def _end_epoch(self, result: TrainResult, lr: float, hardest: bool, clock: _Clock, writer: Any) -> None:
+        """Validate, keep the best model, record the epoch's row, checkpoint."""
+        row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.global_step, "lr": lr,
+                               "train_loss": self.epoch_loss / max(self.epoch_steps, 1)}
+        improved = self.data.validation is None
+        if self.data.validation is not None:
+            metrics = validate(self.model, self.data, self.config, self.device, self.launch)
+            row.update({k: metrics[k] for k in (*RECALL_FIELDS, "rsum")})
+            improved = metrics["rsum"] > self.best_rsum
+            for key, value in metrics.items():
+                writer.add_scalar(f"val/{key}", value, self.global_step)
+        if improved:
+            self.best_rsum, self.best_epoch = float(row.get("rsum", 0.0)), self.epoch + 1
+            if self.launch.is_main:
+                checkpoint.save(self.run.best, self.model, self.config, self.vocab,
+                                best={"epoch": self.best_epoch, "rsum": self.best_rsum})
+        row.update({"best_rsum": self.best_rsum, "seconds": round(clock.elapsed(), 1)})
+        if self.launch.is_main:
+            self.run.append_metrics(row)
+        result.history.append(row)
+        self.log(_epoch_line(row, self.config.train.epochs, hardest, improved and self.data.validation is not None))
+        self.epoch, self.batch_in_epoch, self.epoch_loss, self.epoch_steps = self.epoch + 1, 0, 0.0, 0
+        self.save_last()
+
+    def _finish(self, result: TrainResult) -> TrainResult:
+        result.best_rsum, result.best_epoch = self.best_rsum, self.best_epoch
+        result.epochs_done, result.global_step = self.epoch, self.global_step
+        if not result.interrupted:
+            best = (f"best rsum {self.best_rsum:.1f} at epoch {self.best_epoch}; " if self.best_rsum >= 0 else "")
+            self.log(f"done: {self.epoch} epochs, {self.global_step} steps; {best}model in {self.run.best}")
+        return result
+
+
+def _resumed_config(saved: Config, requested: dict[str, Any], run: RunDirectory,
+                    log: Callable[[str], None]) -> Config:
+    """The saved config with the requested changes that a resume allows; RunError listing the others."""
+    differences = settings_differences(saved, requested)
+    fixed = {k: v for k, v in differences.items() if k not in RESUMABLE}
+    if fixed:
+        listed = "; ".join(f"{k}: run has {old!r}, asked {new!r}" for k, (old, new) in sorted(fixed.items()))
+        raise RunError(f"{run.path}: --resume cannot change {listed}. A resumed run keeps its settings "
+                       f"(only {', '.join(sorted(k.split('.')[1] for k in RESUMABLE))} may change); start "
+                       "a new run with --init-from to fine-tune from it, or --overwrite")
+    for key, (old, new) in sorted(differences.items()):
+        log(f"resume: {key} {old} → {new}")
+    return apply_settings(saved, {k: requested[k] for k in differences})
+
+
+def _check_same_data(saved: Config, fitted: Config, features: Path, what: str) -> None:
+    """A resumed or fine-tuned model reads features of the width and region count it was built for."""
+    for name in ("img_dim", "num_regions"):
+        if getattr(saved.model, name) != getattr(fitted.model, name):
+            raise RunError(f"{features}: the features give model.{name} = {getattr(fitted.model, name)}, "
+                           f"but {what} was trained with {getattr(saved.model, name)}")
+
+
+class _Clock:
+    """Speed and time left, for the progress bar and the batch-job log lines."""
+
+    def __init__(self, epochs: int) -> None:
+        self.started = time.monotonic()
+        self.epochs = epochs
+        self.steps = 0
+        self.pairs = 0
+
+    def step(self, pairs: int) -> None:
+        self.steps += 1
+        self.pairs += pairs
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def pairs_per_second(self) -> float:
+        return self.pairs / max(self.elapsed(), 1e-9)
+
+    def line(self, epoch: int, batch: int, steps_in_epoch: int, loss: float, mean_loss: float, lr: float) -> str:
+        per_step = self.elapsed() / max(self.steps, 1)
+        left_epoch = (steps_in_epoch - batch) * per_step
+        left_run = left_epoch + (self.epochs - epoch - 1) * steps_in_epoch * per_step
+        return (f"epoch {epoch + 1}/{self.epochs} step {batch}/{steps_in_epoch}: loss {loss:.4f} "
+                f"(epoch mean {mean_loss:.4f}), {self.pairs_per_second():.1f} pairs/s, lr {lr:.1e}, "
+                f"epoch ends in {_duration(left_epoch)}, run in {_duration(left_run)} (without validation)")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _collapse_warning(spread: float, batch_size: int, margin: float) -> str:
+    return (f"warning: training has collapsed: every pair gets the same score (spread {spread:.1e}) "
+            f"and the loss is stuck at 2·B·margin = {2 * batch_size * margin:.1f}. "
+            "Remedy: train the first epochs on the sum over all negatives (--warmup-epochs 2 or "
+            "more, until validation recall has climbed); on small datasets also raise --lr (e.g. 3e-3).")
+
+
 def _epoch_line(row: dict[str, Any], epochs: int, hardest: bool, improved: bool) -> str:
     line = f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} ({'hardest' if hardest else 'all'} " \
            f"negatives), lr {row['lr']:.1e}"
@@ -418,15 +572,6 @@ def _epoch_line(row: dict[str, Any], epochs: int, hardest: bool, improved: bool)
                  f"t2i R@1 {row['t2i_r1']:.1f} R@5 {row['t2i_r5']:.1f} R@10 {row['t2i_r10']:.1f}, "
                  f"rsum {row['rsum']:.1f}" + (" (best)" if improved else ""))
     return line + f" [{row['seconds']:.0f}s]"
-
-
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 class _NoWriter:
@@ -444,11 +589,3 @@ def _tensorboard(run_dir: Path, step: int) -> Any:
     except ImportError:
         return _NoWriter()
     return SummaryWriter(str(run_dir), purge_step=step or None)
-
-
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=None if enabled else True,
-                leave=False)  # None: no bar when stderr is not a terminal
-

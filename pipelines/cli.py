@@ -1,21 +1,31 @@
 """`tshsr-pipe`: extract → vocab → train → evaluate → search, one command each.
 
-Every command parses its options, calls one library function and reports.
-Heavy imports (torch, the model) happen inside the commands so that
+Every command parses its options, calls one library function and reports. Defaults and
+choices come from the library's dataclasses and constants, so `--help` says what the code
+does. Heavy imports (torch, the model) happen inside the commands so that
 ``tshsr-pipe --help`` answers at once.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from extract.runtime import DEVICE_CHOICES
+from matching.config import PRESETS, VARIANTS, ModelConfig, TrainConfig
+from matching.evaluation import PROTOCOLS
+from matching.precomp import SPLITS as PRECOMP_SPLITS
 from pipelines.errors import UserError, user_errors
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+MODEL, TRAIN = ModelConfig(), TrainConfig()
+
+
+def device_option(command):  # noqa: ANN001, ANN201 - a click decorator
+    return click.option("--device", default="auto", show_default=True,
+                        help=f"{DEVICE_CHOICES}; auto takes the GPU when there is one.")(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,31 +42,27 @@ def cli() -> None:
     """
 
 
-def _write_json(path: Path, payload: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 @cli.command()
-@click.option("--checkpoint", "checkpoint_path", type=EXISTING_FILE, required=True,
-              help="A tshsr-pipe checkpoint (from train or import-sgraf).")
+@click.option("--checkpoint", "checkpoints", type=EXISTING_FILE, multiple=True,
+              help="A tshsr-pipe checkpoint (from train or import-sgraf); repeat it to ensemble several "
+                   "(their score matrices are averaged).")
+@click.option("--sims", "sims_files", type=EXISTING_FILE, multiple=True,
+              help="A score matrix saved by --save-sims for the same split, averaged with the others "
+                   "(e.g. SGRAF's SAF+SGR ensemble); repeat for several.")
 @click.option("--features", type=EXISTING_DIR, required=True, help="Feature directory (shards + manifest.json).")
 @click.option("--captions", type=EXISTING_FILE, required=True,
               help="Captions: Karpathy split JSON, TSV (image_id<TAB>caption[<TAB>split]) or JSONL.")
 @click.option("--split", default="test", show_default=True,
               help="Split to evaluate; captions without a split always count.")
-@click.option("--protocol", type=click.Choice(["all", "full", "coco1k", "coco5k", "f30k"]), default="all",
-              show_default=True,
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="all", show_default=True,
               help="coco1k: mean of 5 folds of 1000 images; coco5k: all 5000; f30k: 1000 images; "
                    "full: all images of the split; all: every protocol the split fits.")
-@click.option("--captions-per-image", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Captions per image used for evaluation (the first ones of each image).")
+@click.option("--captions-per-image", default=TRAIN.captions_per_image, show_default=True,
+              type=click.IntRange(min=1), help="Captions per image used for evaluation (the first ones of each image).")
 @click.option("--vocab", "vocab_path", type=EXISTING_FILE,
               help="Check that this vocabulary is the checkpoint's own.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1),
+@device_option
+@click.option("--batch-size", default=TRAIN.batch_size, show_default=True, type=click.IntRange(min=1),
               help="Images or captions per encoder batch.")
 @click.option("--memory-budget", type=click.FloatRange(min=0.01),
               help="GiB of working memory for scoring blocks [default: half the free GPU memory, 2 GiB on CPU].")
@@ -65,40 +71,30 @@ def _write_json(path: Path, payload: object) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the metrics as JSON.")
 @user_errors
-def evaluate(checkpoint_path: Path, features: Path, captions: Path, split: str, protocol: str,
-             captions_per_image: int, vocab_path: Path | None, device: str, batch_size: int,
+def evaluate(checkpoints: tuple[Path, ...], sims_files: tuple[Path, ...], features: Path, captions: Path, split: str,
+             protocol: str, captions_per_image: int, vocab_path: Path | None, device: str, batch_size: int,
              memory_budget: float | None, save_sims: Path | None, json_path: Path | None) -> None:
-    """Retrieval metrics (R@1/5/10, medr, meanr, rsum) of a checkpoint on a split."""
-    import numpy as np
-
+    """Retrieval metrics (R@1/5/10, medr, meanr, rsum) of a checkpoint (or an ensemble) on a split."""
+    from extract.runtime import Launch
     from matching.evaluation import format_table
-    from matching.inference import evaluate_checkpoint
+    from matching.inference import evaluate_checkpoint, write_metrics, write_sims
 
-    try:
-        outcome = evaluate_checkpoint(
-            checkpoint_path, features, captions, split=split, protocol=protocol,
-            captions_per_image=captions_per_image, vocab_path=vocab_path, device=device,
-            batch_size=batch_size, memory_budget=int(memory_budget * 2**30) if memory_budget else None,
-            progress=True)
-    except ValueError as error:  # protocol / size mismatches from the metrics
-        if type(error) is ValueError:
-            raise UserError(str(error)) from None
-        raise
-    from matching.distributed import from_env
-
-    if not from_env().is_main:  # under torchrun, rank 0 reports
+    if not checkpoints and not sims_files:
+        raise UserError("give --checkpoint (repeat it for an ensemble) or --sims")
+    outcome = evaluate_checkpoint(
+        checkpoints, features, captions, sims_files=sims_files, split=split, protocol=protocol,
+        captions_per_image=captions_per_image, vocab_path=vocab_path, device=device, batch_size=batch_size,
+        memory_budget=int(memory_budget * 2**30) if memory_budget else None, progress=True)
+    if not Launch.from_env().is_main:  # under torchrun, rank 0 reports
         return
-    click.echo(f"{len(outcome.image_ids)} images, {outcome.num_captions} captions ({split} split)")
+    sources = len(outcome.sources)
+    click.echo(f"{len(outcome.image_ids)} images, {outcome.num_captions} captions ({split} split)"
+               + (f"; the mean of {sources} score matrices" if sources > 1 else ""))
     click.echo(format_table(outcome.results))
     if save_sims:
-        save_sims.parent.mkdir(parents=True, exist_ok=True)
-        np.save(save_sims, outcome.sims)
-        click.echo(f"scores written to {save_sims}")
+        click.echo(f"scores written to {write_sims(save_sims, outcome.sims)}")
     if json_path:
-        _write_json(json_path, {"checkpoint": str(checkpoint_path), "features": str(features),
-                                "captions": str(captions), "split": split,
-                                "num_images": len(outcome.image_ids), "num_captions": outcome.num_captions,
-                                "results": outcome.results})
+        write_metrics(json_path, outcome, features=str(features), captions=str(captions))
         click.echo(f"metrics written to {json_path}")
 
 
@@ -134,21 +130,17 @@ def import_sgraf(sgraf_checkpoint: Path, vocab_path: Path, out: Path) -> None:
 @user_errors
 def vocab(captions: Path, out: Path, threshold: int, splits: tuple[str, ...]) -> None:
     """Build the vocabulary from the train (and val) captions of CAPTIONS."""
-    from matching.captions import read_captions
-    from matching.text import Vocabulary
+    from matching.text import build_vocabulary
 
-    selected = read_captions(captions, list(splits))
-    built = Vocabulary.build((c.text for c in selected), threshold)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    built.save(out)
-    click.echo(f"{len(built)} words (threshold {threshold}, {len(selected)} captions) written to {out}")
+    built, counted = build_vocabulary(captions, out, splits=splits, threshold=threshold)
+    click.echo(f"{len(built)} words (threshold {threshold}, {counted} captions) written to {out}")
 
 
 @cli.command("import-precomp")
 @click.argument("data_dir", type=EXISTING_DIR)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Feature directory to write (shards, manifest.json and captions.jsonl).")
-@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "dev", "test", "testall"]),
+@click.option("--split", "splits", multiple=True, type=click.Choice(PRECOMP_SPLITS),
               help="Splits to import (repeat for several) [default: every {split}_ims.npy found].")
 @click.option("--captions-per-image", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1),
@@ -165,12 +157,11 @@ def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_
     split (dev becomes val; use --split testall with --protocol coco1k/coco5k
     for the MSCOCO 5K test set).
     """
-    from tqdm import tqdm
-
+    from extract.runtime import progress_bar
     from matching.precomp import CAPTIONS_FILE
     from matching.precomp import import_precomp as convert
 
-    with tqdm(desc="importing", unit="img", dynamic_ncols=True) as bar:
+    with progress_bar(None, "importing", "img") as bar:
         counts = convert(data_dir, out, splits=splits or None, captions_per_image=captions_per_image,
                          shard_size=shard_size, dtype="float32" if float32 else "float16", on_images=bar.update)
     for split, n in counts.items():
@@ -186,85 +177,87 @@ def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_
 @click.option("--name", help="Run name: the run goes to RUNS/NAME [default: the variant and the time].")
 @click.option("--runs", "runs_dir", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory holding the runs.")
-@click.option("--resume", is_flag=True, help="Continue the run RUNS/NAME where it stopped (its saved config is used).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run RUNS/NAME where it stopped, with its saved config; flags may only "
+                   "change what a resume allows (e.g. more --epochs), anything else is refused.")
+@click.option("--overwrite", is_flag=True, help="Delete the run already in RUNS/NAME and start again.")
+@click.option("--init-from", type=EXISTING_FILE,
+              help="Start from this checkpoint's model config and weights (fine-tuning); a new run.")
 @click.option("--config", "config_file", type=EXISTING_FILE, help="YAML file with model: and train: sections.")
-@click.option("--preset", type=click.Choice(["coco", "f30k"]),
-              help="The paper's schedule: coco = 20 epochs, decay at 10; f30k = 40 epochs, decay at 30.")
-@click.option("--variant", type=click.Choice(["tshsr", "hsr", "hsr-t2i", "sgr"]),
+@click.option("--preset", type=click.Choice(list(PRESETS)),
+              help="The paper's schedule: " + "; ".join(
+                  f"{name} = {values['epochs']} epochs, decay at {values['lr_decay_epoch']}"
+                  for name, values in PRESETS.items()) + ".")
+@click.option("--variant", type=click.Choice(list(VARIANTS)),
               help="Model of the paper's tables [default: tshsr]; see README 'Variants'.")
-@click.option("--epochs", type=click.IntRange(min=1))
-@click.option("--batch-size", type=click.IntRange(min=2))
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Adam learning rate [default: 2e-4].")
-@click.option("--embed-size", type=click.IntRange(min=1), help="d, the joint embedding size [default: 1024].")
-@click.option("--sim-dim", type=click.IntRange(min=1), help="m, the similarity vector size [default: 256].")
-@click.option("--word-dim", type=click.IntRange(min=1), help="Word embedding size [default: 300].")
-@click.option("--steps", type=click.IntRange(min=0), help="M, the number of reasoning layers [default: 3].")
+@click.option("--epochs", type=click.IntRange(min=1), help=f"[default: {TRAIN.epochs}]")
+@click.option("--batch-size", type=click.IntRange(min=2), help=f"[default: {TRAIN.batch_size}]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help=f"Adam learning rate [default: {TRAIN.learning_rate:g}].")
+@click.option("--embed-size", type=click.IntRange(min=1),
+              help=f"d, the joint embedding size [default: {MODEL.embed_size}].")
+@click.option("--sim-dim", type=click.IntRange(min=1),
+              help=f"m, the similarity vector size [default: {MODEL.sim_dim}].")
+@click.option("--word-dim", type=click.IntRange(min=1), help=f"Word embedding size [default: {MODEL.word_dim}].")
+@click.option("--steps", type=click.IntRange(min=0),
+              help=f"M, the number of reasoning layers [default: {MODEL.reasoning_steps}].")
 @click.option("--warmup-epochs", type=click.IntRange(min=0),
               help="Epochs summing the hinge over all negatives before the hardest-negative loss; "
-                   "1 keeps small datasets from collapsing.")
-@click.option("--seed", type=int)
-@click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes [default: 2].")
+                   f"1 or more keeps small datasets from collapsing [default: {TRAIN.warmup_epochs}].")
+@click.option("--length-buckets", is_flag=True, default=None,
+              help="Batches of captions of similar length (less padding; the paper shuffles uniformly).")
+@click.option("--seed", type=int, help=f"[default: {TRAIN.seed}]")
+@click.option("--workers", type=click.IntRange(min=0), help=f"DataLoader worker processes [default: {TRAIN.workers}].")
+@click.option("--log-every", type=click.IntRange(min=0),
+              help=f"Steps between log lines when there is no progress bar (batch jobs) [default: {TRAIN.log_every}].")
 @click.option("--in-memory", is_flag=True, default=None, help="Keep all region features in RAM.")
 @click.option("--mixed-precision", is_flag=True, default=None, help="bfloat16 autocast on GPU.")
 @click.option("--tf32", is_flag=True, default=None, help="Allow TF32 matmuls on GPU.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Any config field, e.g. --set model.lambda_i2t=4 --set train.lr_decay_epoch=15.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@device_option
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--val-split", default="val", show_default=True, help="Split validated after each epoch ('' = none).")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many steps, saving a checkpoint.")
 @user_errors
 def train(features: Path, captions: Path, vocab_path: Path, name: str | None, runs_dir: Path, resume: bool,
-          config_file: Path | None, preset: str | None, variant: str | None, epochs: int | None,
-          batch_size: int | None, lr: float | None, embed_size: int | None, sim_dim: int | None,
-          word_dim: int | None, steps: int | None, warmup_epochs: int | None, seed: int | None,
-          workers: int | None, in_memory: bool | None, mixed_precision: bool | None, tf32: bool | None,
-          sets: tuple[str, ...], device: str, train_split: str, val_split: str, max_steps: int | None) -> None:
+          overwrite: bool, init_from: Path | None, config_file: Path | None, preset: str | None, variant: str | None,
+          epochs: int | None, batch_size: int | None, lr: float | None, embed_size: int | None, sim_dim: int | None,
+          word_dim: int | None, steps: int | None, warmup_epochs: int | None, length_buckets: bool | None,
+          seed: int | None, workers: int | None, log_every: int | None, in_memory: bool | None,
+          mixed_precision: bool | None, tf32: bool | None, sets: tuple[str, ...], device: str, train_split: str,
+          val_split: str, max_steps: int | None) -> None:
     """Train a matching model: FEATURES + CAPTIONS + VOCAB → RUNS/NAME.
 
     The paper's recipe is the default (Adam 2e-4, batch 128, gradient clipping 2,
     hardest negatives, margin 0.2). The run directory gets config.yaml,
     checkpoint_last.pt (resume point, also written every 500 steps and on
     Ctrl-C), model_best.pt (best validation rsum), metrics.csv, train.log and
-    TensorBoard events.
+    TensorBoard events. Stopped by Ctrl-C or SIGTERM, it saves and exits 130 or 143.
     """
-    import time
-
-    from matching.config import resolve_config
-    from matching.training import RunError
+    from extract.runtime import exit_code
+    from matching.config import Config, apply_settings, requested_settings
+    from matching.rundir import new_run_name
     from matching.training import train as run_training
 
     if resume and not name:
         raise UserError("--resume needs --name (the run to continue)")
-    config = resolve_config(
+    requested = requested_settings(
         preset=preset, config_file=str(config_file) if config_file else None, variant=variant, sets=sets,
         overrides={"train.epochs": epochs, "train.batch_size": batch_size, "train.learning_rate": lr,
                    "model.embed_size": embed_size, "model.sim_dim": sim_dim, "model.word_dim": word_dim,
-                   "model.reasoning_steps": steps, "train.warmup_epochs": warmup_epochs, "train.seed": seed,
-                   "train.workers": workers, "train.features_in_memory": in_memory,
+                   "model.reasoning_steps": steps, "train.warmup_epochs": warmup_epochs,
+                   "train.length_buckets": length_buckets, "train.seed": seed, "train.workers": workers,
+                   "train.log_every": log_every, "train.features_in_memory": in_memory,
                    "train.mixed_precision": mixed_precision, "train.allow_tf32": tf32})
-    name = name or f"{variant or 'tshsr'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = runs_dir / name
-    log_path = run_dir / "train.log"
-
-    def log(line: str) -> None:
-        click.echo(line)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a", encoding="utf-8") as handle:
-            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-
-    try:
-        result = run_training(config, features=features, captions=captions, vocab_path=vocab_path,
-                              run_dir=run_dir, resume=resume, device=device, train_split=train_split,
-                              val_split=val_split or None, max_steps=max_steps, log=log)
-    except RunError as error:
-        raise UserError(str(error)) from None
-    from matching.distributed import from_env
-
-    if not result.interrupted and from_env().is_main:
-        best = f"best rsum {result.best_rsum:.1f} at epoch {result.best_epoch}" if result.best_rsum >= 0 else ""
-        log(f"done: {result.epochs_done} epochs, {result.global_step} steps; {best}; "
-            f"model in {run_dir / 'model_best.pt'}")
+    config = apply_settings(Config(), requested)
+    result = run_training(config, features=features, captions=captions, vocab_path=vocab_path,
+                          run_dir=runs_dir / (name or new_run_name(variant or "tshsr")), resume=resume,
+                          overwrite=overwrite, init_from=init_from, requested=requested, device=device,
+                          train_split=train_split, val_split=val_split or None, max_steps=max_steps,
+                          log=click.echo)
+    if result.stopped_by is not None:
+        raise SystemExit(exit_code(result.stopped_by))
 
 
 @cli.command()
@@ -284,7 +277,7 @@ def train(features: Path, captions: Path, vocab_path: Path, name: str | None, ru
 @click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Search index: the gallery encoded once by the model (built here on first use).")
 @click.option("--rebuild-index", is_flag=True, help="Encode the gallery again into --index.")
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @user_errors
 def search(query: str | None, checkpoint_path: Path, features: Path, top_k: int, image_id: str | None,
            captions: Path | None, split: str | None, images_dir: Path | None, html_path: Path | None,
@@ -295,51 +288,22 @@ def search(query: str | None, checkpoint_path: Path, features: Path, top_k: int,
       tshsr-pipe search --checkpoint runs/coco/model_best.pt --features features/ "a man riding a horse"
       tshsr-pipe search --checkpoint ... --features ... --image COCO_val2014_000000391895.jpg --captions c.json
     """
-    from extract.shards import FeatureStore
-    from matching import checkpoint
-    from matching.captions import read_captions, resolve_image_ids
-    from matching.inference import QueryError, search_captions, search_images
+    from matching.inference import search as run_search
     from pipelines.search_page import write_search_page
 
-    if (query is None) == (image_id is None):
-        raise UserError("give either a text QUERY or --image ID")
-    if image_id is not None and captions is None:
-        raise UserError("--image needs --captions: the captions to rank")
-    model, _, vocab = checkpoint.load(checkpoint_path, map_location=device)
-    store = FeatureStore(features)
-    try:
-        if query is not None:
-            gallery = None
-            if captions is not None:
-                wanted = {c.image_id for c in read_captions(captions, split)}
-                gallery = sorted(set(resolve_image_ids(wanted, store.image_ids).values()))
-            encoded = None
-            if index_path is not None:
-                from matching.index import SearchIndexError, build_index, load_index
-
-                ids = gallery if gallery is not None else store.image_ids
-                if index_path.exists() and not rebuild_index:
-                    try:
-                        _, encoded = load_index(index_path, checkpoint_path, store, ids)
-                    except SearchIndexError as error:
-                        raise UserError(str(error)) from None
-                else:
-                    _, encoded = build_index(model, checkpoint_path, store, ids, index_path, device=device)
-                    click.echo(f"index of {len(ids)} images written to {index_path}")
-            hits = search_images(model, vocab, store, query, k=top_k, image_ids=gallery, device=device,
-                                 with_regions=html_path is not None, encoded=encoded)
-            for hit in hits:
-                click.echo(f"{hit.rank:>3}. {hit.score:.4f}  {hit.item}")
-        else:
-            hits = search_captions(model, vocab, store, image_id, read_captions(captions, split), k=top_k,
-                                   device=device)
-            for hit in hits:
-                click.echo(f"{hit.rank:>3}. {hit.score:.4f}  {'✓' if hit.matches_query_image else ' '} {hit.item}")
-    except QueryError as error:
-        raise UserError(str(error)) from None
+    found = run_search(checkpoint_path, features, query=query, image_id=image_id, captions=captions, split=split,
+                       k=top_k, index_path=index_path, rebuild_index=rebuild_index,
+                       with_regions=html_path is not None, device=device)
+    if found.index_built:
+        click.echo(f"index of {found.gallery_size} images written to {index_path}")
+    if found.ignored_words:
+        click.echo("note: not in the model's vocabulary, ignored: " + ", ".join(repr(w) for w in found.ignored_words))
+    for hit in found.hits:
+        mark = ("✓ " if hit.matches_query_image else "  ") if found.mode == "image" else ""
+        click.echo(f"{hit.rank:>3}. {hit.score:.4f}  {mark}{hit.item}")
     if html_path:
-        write_search_page(html_path, query=query or image_id or "", hits=hits, mode="text" if query else "image",
-                          images_dir=images_dir, checkpoint=str(checkpoint_path))
+        write_search_page(html_path, query=found.query, hits=found.hits, mode=found.mode, images_dir=images_dir,
+                          checkpoint=str(checkpoint_path))
         click.echo(f"page written to {html_path}")
 
 
@@ -350,12 +314,9 @@ def search(query: str | None, checkpoint_path: Path, features: Path, top_k: int,
 @user_errors
 def report(run_dir: Path, out: Path | None) -> None:
     """Plot a run's loss and validation recall curves and print its final table."""
-    from pipelines.report import ReportError, final_table, plot_curves, read_metrics
+    from pipelines.report import final_table, plot_curves, read_metrics
 
-    try:
-        rows = read_metrics(run_dir)
-    except ReportError as error:
-        raise UserError(str(error)) from None
+    rows = read_metrics(run_dir)
     path = plot_curves(rows, out or run_dir / "curves.png", title=run_dir.name)
     click.echo(final_table(rows))
     click.echo(f"curves written to {path}")
@@ -368,7 +329,7 @@ def report(run_dir: Path, out: Path | None) -> None:
 @click.option("--features", type=click.Path(file_okay=False), help="Feature directory (read, or written by extract).")
 @click.option("--captions", type=click.Path(dir_okay=False), help="Captions with their splits.")
 @click.option("--name", help="Run name under WORKDIR/runs.")
-@click.option("--device", help="cpu, cuda or cuda:N.")
+@click.option("--device", help=f"{DEVICE_CHOICES} [default: auto].")
 @click.option("--force", multiple=True, type=click.Choice(["extract", "vocab", "train", "evaluate"]),
               help="Run this stage (and the ones after it) even if its outputs are up to date.")
 @user_errors
@@ -376,26 +337,21 @@ def run_command(pipeline_file: Path | None, workdir: str | None, images: str | N
                 captions: str | None, name: str | None, device: str | None, force: tuple[str, ...]) -> None:
     """Run extract → vocab → train → evaluate from a PIPELINE_FILE (YAML) and/or flags.
 
-    A stage whose outputs are complete and newer than its inputs is skipped; a crash at
-    any stage is resumed by running the same command again. See README "Pipelines" for
-    the file's fields (model:, train:, extract:, evaluate: sections).
+    A stage is skipped when its outputs exist and were made from the same settings and
+    inputs; editing a section reruns that stage and the ones after it; a crash at any
+    stage is resumed by running the same command again. See README "run" for the file's
+    fields (extract:, vocab:, model:, train:, evaluate: sections).
     """
-    from pipelines.errors import PipelineError
+    from matching.evaluation import format_table
     from pipelines.run import PipelineSpec, run_pipeline
 
     overrides = {"workdir": workdir, "images": images, "features": features, "captions": captions, "name": name,
                  "device": device}
-    try:
-        if pipeline_file:
-            spec = PipelineSpec.from_file(pipeline_file, **overrides)
-        else:
-            spec = PipelineSpec.from_dict({k: v for k, v in overrides.items() if v is not None}, Path("."))
-        results = run_pipeline(spec, force=force, log=click.echo)
-    except PipelineError as error:
-        raise UserError(str(error)) from None
-    from matching.evaluation import format_table
-
-    click.echo(format_table(results))
+    if pipeline_file:
+        spec = PipelineSpec.from_file(pipeline_file, **overrides)
+    else:
+        spec = PipelineSpec.from_dict({k: v for k, v in overrides.items() if v is not None}, Path("."))
+    click.echo(format_table(run_pipeline(spec, force=force, log=click.echo)))
 
 
 @cli.command()
@@ -406,7 +362,7 @@ def run_command(pipeline_file: Path | None, workdir: str | None, images: str | N
 @click.option("--images", "num_images", default=300, show_default=True, type=click.IntRange(min=30),
               help="Scenes to generate (80% train, 10% val, 10% test).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @user_errors
 def demo(out: Path, fast: bool, num_images: int, seed: int, device: str) -> None:
     """The whole chain on a synthetic world of coloured shapes, with metrics beside chance level.

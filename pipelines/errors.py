@@ -30,12 +30,15 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from matching.captions import CaptionFormatError
     from matching.checkpoint import CheckpointError
     from matching.config import ConfigError
+    from matching.evaluation import MetricsError
+    from matching.index import SearchIndexError
+    from matching.inference import QueryError
+    from matching.rundir import RunError
     from matching.text import VocabularyError
-    from matching.training import RunError
 
     return (ExtractError, DeviceError, StorageError, LockedError, ShardFormatError, CaptionFormatError,
-            CheckpointError, ConfigError, VocabularyError, RunError, PipelineError, FileNotFoundError,
-            IsADirectoryError, PermissionError)
+            CheckpointError, ConfigError, VocabularyError, RunError, MetricsError, QueryError, SearchIndexError,
+            PipelineError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 def user_errors(command: F) -> F:

@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from extract.safeio import write_text
 from matching.inference import Hit
 
 BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4")
@@ -81,7 +82,4 @@ footer {{ margin-top: 2em; font-size: 0.8em; color: #777; }}
 <footer>{html.escape(checkpoint)}</footer>
 </body></html>
 """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(page, encoding="utf-8")
-    return target
+    return write_text(path, page)

@@ -158,3 +158,84 @@ def test_import_sgraf_command_and_hostile_file(tmp_path):
 def test_help(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_a_split_the_file_lacks_is_named_with_the_splits_it_has(setup):
+    tmp, features_dir, *_ = setup
+    result = run("evaluate", "--checkpoint", tmp / "model.pt", "--features", features_dir,
+                 "--captions", tmp / "captions.tsv", "--split", "tset")
+    one_line_error(result, "captions.tsv", "no captions of split 'tset'", "test (31 captions)")
+
+
+def test_ensembles_average_checkpoints_and_saved_score_matrices(setup):
+    tmp, features_dir, ids, features, num_boxes, model, vocab = setup
+    other = tiny_model(seed=5)
+    checkpoint.save(tmp / "other.pt", other, Config(model=tiny_config()), vocab)
+    common = ("--features", features_dir, "--captions", tmp / "captions.tsv")
+    for name in ("model", "other"):
+        assert run("evaluate", "--checkpoint", tmp / f"{name}.pt", *common, "--save-sims",
+                   tmp / f"{name}.npy").exit_code == 0
+    expected = (np.load(tmp / "model.npy") + np.load(tmp / "other.npy")) / 2
+    both = run("evaluate", "--checkpoint", tmp / "model.pt", "--checkpoint", tmp / "other.pt", *common,
+               "--save-sims", tmp / "both.npy", "--json", tmp / "both.json")
+    assert both.exit_code == 0 and "the mean of 2 score matrices" in both.output, both.output
+    np.testing.assert_allclose(np.load(tmp / "both.npy"), expected, atol=1e-6)
+    mixed = run("evaluate", "--sims", tmp / "model.npy", "--checkpoint", tmp / "other.pt", *common,
+                "--json", tmp / "mixed.json")
+    assert mixed.exit_code == 0, mixed.output
+    from matching.evaluation import recall_metrics
+
+    reported = json.loads((tmp / "mixed.json").read_text())
+    assert reported["results"]["full"]["rsum"] == pytest.approx(recall_metrics(expected)["rsum"])
+    assert reported["sources"] == [str(tmp / "model.npy"), str(tmp / "other.pt")]
+    np.save(tmp / "wrong.npy", np.zeros((3, 15), np.float32))
+    one_line_error(run("evaluate", "--sims", tmp / "wrong.npy", *common), "wrong.npy", "(3, 15)", "(6, 30)")
+    one_line_error(run("evaluate", *common), "give --checkpoint")
+
+
+def test_save_sims_on_a_full_disk_leaves_no_empty_file(setup):
+    from tests.smallfs import small_filesystem
+
+    tmp, features_dir, *_ = setup
+    with small_filesystem(tmp / "small", megabytes=1) as mount:
+        with open(mount / "filler", "wb") as handle:  # leave less room than the matrix needs
+            try:
+                handle.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        result = run("evaluate", "--checkpoint", tmp / "model.pt", "--features", features_dir,
+                     "--captions", tmp / "captions.tsv", "--save-sims", mount / "sims.npy")
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        error = result.output.strip().splitlines()[-1]  # after the metrics table
+        assert error.startswith(f"Error: {mount / 'sims.npy'}: no space left on device"), error
+        assert not (mount / "sims.npy").exists() and not list(mount.glob(".*.tmp"))
+
+
+def test_bugs_keep_their_traceback(setup, monkeypatch):
+    import matching.inference
+
+    tmp, features_dir, *_ = setup
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not a user mistake")
+
+    monkeypatch.setattr(matching.inference, "evaluate_checkpoint", broken)
+    result = run("evaluate", "--checkpoint", tmp / "model.pt", "--features", features_dir,
+                 "--captions", tmp / "captions.tsv")
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+
+
+def test_a_file_that_is_no_checkpoint_gets_no_unsafe_advice(setup):
+    tmp, features_dir, *_ = setup
+    (tmp / "random.pt").write_bytes(np.random.default_rng(0).bytes(3000))
+    result = run("evaluate", "--checkpoint", tmp / "random.pt", "--features", features_dir,
+                 "--captions", tmp / "captions.tsv")
+    one_line_error(result, "random.pt", "not a checkpoint")
+    assert "weights_only" not in result.output
+
+
+def test_vocab_of_a_split_the_file_lacks(setup):
+    tmp, *_ = setup
+    result = run("vocab", tmp / "captions.tsv", "--out", tmp / "v.json", "--split", "trian")
+    one_line_error(result, "no captions of split 'trian'", "test (31 captions)")
+    assert not (tmp / "v.json").exists()

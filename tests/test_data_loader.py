@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from extract.shards import FeatureStore
 from matching.captions import Caption, CaptionFormatError
-from matching.data import LengthBucketSampler, PairDataset, build_pairs, collate_pairs
+from matching.data import EpochBatchSampler, PairDataset, build_pairs, collate_pairs
 from matching.text import Vocabulary
 
 VOCAB = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "w"])
@@ -24,8 +24,8 @@ def captions_for(ids, per_image=3, seed=0):
 
 
 def loader(dataset, batch_size, seed, workers=0, epoch=0, **kwargs):
-    sampler = LengthBucketSampler([len(c) for c in dataset.pairs.captions], batch_size, seed=seed,
-                                  pool_batches=2, **kwargs)
+    sampler = EpochBatchSampler([len(c) for c in dataset.pairs.captions], batch_size, seed=seed,
+                                pool_batches=2, **kwargs)
     sampler.set_epoch(epoch)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=workers)
 
@@ -52,31 +52,45 @@ def test_every_caption_once_with_its_image(tmp_features, workers, in_memory):
     assert seen == Counter(range(len(pairs)))
 
 
-def test_order_depends_only_on_seed_and_epoch_and_buckets_by_length():
+def padding(batches, lengths):
+    return sum(len(batch) * lengths[batch].max() - lengths[batch].sum() for batch in batches)
+
+
+def test_order_depends_only_on_seed_and_epoch_and_is_uniform_by_default():
     lengths = np.random.default_rng(0).integers(3, 40, size=1000)
-    a = LengthBucketSampler(lengths, 32, seed=7)
-    b = LengthBucketSampler(lengths, 32, seed=7)
+    a = EpochBatchSampler(lengths, 32, seed=7)
+    b = EpochBatchSampler(lengths, 32, seed=7)
     assert list(a) == list(b)
     a.set_epoch(1)
     assert list(a) != list(b)
-    # Bucketing: the padding inside batches is far below that of random batches.
-    padded = sum(len(batch) * lengths[batch].max() - lengths[batch].sum() for batch in b)
-    rng = np.random.default_rng(1)
-    random_batches = np.array_split(rng.permutation(1000), len(b))
-    random_padded = sum(len(x) * lengths[x].max() - lengths[x].sum() for x in random_batches)
-    assert padded < 0.3 * random_padded
     assert sorted(i for batch in b for i in batch) == list(range(1000))
+    # Uniform shuffling, as the paper trains: batches mix lengths like random batches do, so a
+    # caption's hardest negative is not restricted to captions of its own length.
+    rng = np.random.default_rng(1)
+    random_padding = padding(np.array_split(rng.permutation(1000), len(b)), lengths)
+    assert 0.8 * random_padding < padding(list(b), lengths) < 1.2 * random_padding
+    spread = [lengths[batch].max() - lengths[batch].min() for batch in b]
+    assert np.mean(spread) > 30  # lengths 3..39 in nearly every batch
 
 
-def test_resume_skips_batches_and_ranks_split_global_batches():
+def test_length_buckets_cut_padding_when_asked():
+    lengths = np.random.default_rng(0).integers(3, 40, size=1000)
+    bucketed = EpochBatchSampler(lengths, 32, seed=7, length_buckets=True)
+    uniform = EpochBatchSampler(lengths, 32, seed=7)
+    assert padding(list(bucketed), lengths) < 0.3 * padding(list(uniform), lengths)
+    assert sorted(i for batch in bucketed for i in batch) == list(range(1000))
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_resume_skips_batches_and_ranks_split_global_batches(buckets):
     lengths = np.arange(103) % 17
-    whole = LengthBucketSampler(lengths, 10, seed=3)
+    whole = EpochBatchSampler(lengths, 10, seed=3, length_buckets=buckets)
     whole.set_epoch(2)
     batches = list(whole)
     assert all(len(batch) >= 2 for batch in batches)
     whole.set_epoch(2, start_batch=4)
     assert list(whole) == batches[4:] and len(whole) == len(batches) - 4
-    ranks = [LengthBucketSampler(lengths, 10, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    ranks = [EpochBatchSampler(lengths, 10, seed=3, length_buckets=buckets, num_replicas=2, rank=r) for r in (0, 1)]
     for sampler in ranks:
         sampler.set_epoch(2)
     for merged, part0, part1 in zip(batches, *ranks, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -48,6 +49,39 @@ def test_second_run_skips_every_stage_and_changed_inputs_rerun(tmp_path):
     forced = []
     run_pipeline(spec, force=("evaluate",), log=forced.append, progress=False)
     assert "up to date" in stages(forced)["train"] and "up to date" not in stages(forced)["evaluate"]
+
+
+def test_edited_settings_rerun_their_stage_and_typos_are_refused_before_any_work(tmp_path):
+    features = write_feature_dataset(tmp_path / "f", make_scenes(60, seed=6), feature_dim=32, seed=6)
+    spec = spec_for(tmp_path, features)
+    spec.train.update(epochs=1, warmup_epochs=1)
+    run_pipeline(spec, log=lambda line: None, progress=False)
+    assert (spec.run_dir / "train.log").exists()  # the library logs the run, whoever starts it
+    spec.train["epochs"] = 2
+    spec.model["embed_size"] = 48
+    lines = []
+    run_pipeline(spec, log=lines.append, progress=False)
+    logged = stages(lines)
+    assert "up to date" in logged["vocab"] and "training" in logged["train"], lines
+    changed = next(line for line in lines if "starting" in line)
+    assert "config.model.embed_size 64 → 48" in changed and "config.train.epochs 1 → 2" in changed, changed
+    assert "up to date" not in logged["evaluate"]
+    from matching.rundir import RunDirectory
+
+    assert [int(r["epoch"]) for r in RunDirectory(spec.run_dir).read_metrics()] == [1, 2]
+    for section, typo, message in (("vocab", {"treshold": 1}, "unknown vocab option(s): treshold"),
+                                   ("train", {"epocs": 1}, "unknown field(s) train.epocs"),
+                                   ("model", {"embed": 3}, "unknown field(s) model.embed"),
+                                   ("evaluate", {"protocl": "full"}, "unknown evaluate option(s): protocl"),
+                                   ("evaluate", {"protocol": "coco2k"}, "evaluate.protocol = 'coco2k'")):
+        broken = spec_for(tmp_path, features)
+        getattr(broken, section).update(typo)
+        with pytest.raises(PipelineError, match=re.escape(message)):
+            run_pipeline(broken, log=lambda line: None, progress=False)
+    spec.vocab["threshold"] = 2  # a fixed typo with a new value rebuilds the vocabulary
+    lines = []
+    run_pipeline(spec, log=lines.append, progress=False)
+    assert "threshold 2" in stages(lines)["vocab"]
 
 
 def test_a_crash_in_training_is_resumed_by_running_again(tmp_path, monkeypatch):

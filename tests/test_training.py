@@ -119,3 +119,15 @@ def test_report_draws_curves_and_prints_the_table(trained_toy, tmp_path):
     assert f"{result.best_rsum:.1f}" in best_line
     missing = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert missing.exit_code == 2 and "metrics.csv: missing" in missing.output
+
+
+def test_a_one_epoch_run_draws_its_recall_as_points():
+    from pipelines.report import curves_figure
+
+    row = {"epoch": 1.0, "train_loss": 3.2, "i2t_r1": 40.0, "i2t_r5": 70.0, "i2t_r10": 80.0, "t2i_r1": 30.0,
+           "t2i_r5": 60.0, "t2i_r10": 75.0, "rsum": 355.0}
+    figure = curves_figure([row])
+    loss, recall = figure.axes
+    assert len(recall.lines) == 6 and all(len(line.get_xdata()) == 1 for line in recall.lines)
+    assert all(line.get_marker() not in (None, "None", "") for line in (*recall.lines, *loss.lines))
+    assert sorted(float(line.get_ydata()[0]) for line in recall.lines) == [30, 40, 60, 70, 75, 80]
