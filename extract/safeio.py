@@ -87,8 +87,8 @@ def storage_failure(error: BaseException, path: str | os.PathLike) -> StorageErr
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
-    """Open a temporary file beside `path` for writing; on success it replaces `path` (after fsync).
+def _replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` that replaces it (after fsync) when the block succeeds.
 
     On any failure the temporary file is removed and `path` keeps its previous content;
     storage failures become `StorageError`.
@@ -96,38 +96,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException as error:
-        failure = storage_failure(error, target)  # before the unlink frees the space again
-        tmp.unlink(missing_ok=True)
-        if failure is not None and failure is not error:
-            raise failure from None
-        raise
-    _fsync_directory(target.parent)
-
-
-def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Atomic replacement for writers that want a file name rather than a handle (h5py, np.save to a path).
-
-    `write(tmp_path)` creates the temporary file; it is fsynced and renamed onto `path`.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
         os.replace(tmp, target)
     except BaseException as error:
         failure = storage_failure(error, target)  # before the unlink frees the space again
@@ -136,7 +111,27 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
             raise failure from None
         raise
     _fsync_directory(target.parent)
-    return target
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path` for writing; on success it replaces `path` (after fsync).
+
+    On any failure the temporary file is removed and `path` keeps its previous content;
+    storage failures become `StorageError`.
+    """
+    with _replacing(path) as tmp, open(tmp, mode, encoding=encoding if "b" not in mode else None) as handle:
+        yield handle
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Atomic replacement for writers that want a file name rather than a handle (h5py, savefig).
+
+    `write(tmp_path)` creates the temporary file; it is fsynced and renamed onto `path`.
+    """
+    with _replacing(path) as tmp:
+        write(tmp)
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
