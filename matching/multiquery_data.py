@@ -137,6 +137,7 @@ def build_query_vocab(sets: Iterable[QuerySet], threshold: int = 4, splits: Sequ
 class ImportCounts:
     """What `import_vg_queries` kept and dropped, for the CLI to print."""
 
+    max_turns: int  # the queries an image needs to be kept
     images: dict[str, int] = field(default_factory=dict)  # split → images written
     too_few_queries: dict[str, int] = field(default_factory=dict)  # split → images dropped (< max_turns)
     missing: dict[str, int] = field(default_factory=dict)  # split → listed images without region annotations
@@ -147,8 +148,8 @@ class ImportCounts:
     def summary(self) -> str:
         """One line per split and one for the phrases, for the console."""
         lines = [f"{split}: {self.images.get(split, 0)} images kept, {self.too_few_queries.get(split, 0)} with "
-                 f"fewer than the needed queries dropped, {self.missing.get(split, 0)} without region annotations"
-                 for split in self.images]
+                 f"fewer than {self.max_turns} distinct phrases dropped, {self.missing.get(split, 0)} listed "
+                 "without region annotations" for split in self.images]
         lines.append(f"phrases dropped: {self.duplicate_phrases} exact duplicates, {self.empty_phrases} empty")
         if self.missing_examples:
             lines.append(f"images listed but not annotated, e.g.: {', '.join(self.missing_examples)}")
@@ -213,11 +214,13 @@ def _regions_from_file(path: Path) -> dict[str, object]:
         if not isinstance(entry, dict) or "regions" not in entry:
             raise QueryFormatError(f"{path}: entry {index} has no 'regions'")
         image_id = entry.get("image_id", entry.get("id"))
-        if image_id is None and entry["regions"]:
-            image_id = entry["regions"][0].get("image_id") if isinstance(entry["regions"][0], dict) else None
-        if image_id is None:
-            raise QueryFormatError(f"{path}: entry {index} names no image ('image_id' or 'id')")
-        table[str(int(image_id))] = entry["regions"]
+        if image_id is None and isinstance(entry["regions"], list) and entry["regions"]:
+            first = entry["regions"][0]
+            image_id = first.get("image_id") if isinstance(first, dict) else None
+        try:
+            table[str(int(image_id))] = entry["regions"]
+        except (TypeError, ValueError):
+            raise QueryFormatError(f"{path}: entry {index} names no integer image id ('image_id' or 'id')") from None
     return table
 
 
@@ -252,7 +255,7 @@ def import_vg_queries(regions: str | os.PathLike, splits_dir: str | os.PathLike,
                 raise QueryFormatError(f"{path}: image {image_id} is also listed in "
                                        f"{splits_dir / SPLIT_FILE.format(owner[image_id])}")
             owner[image_id] = split
-    counts = ImportCounts()
+    counts = ImportCounts(max_turns)
     sets: list[QuerySet] = []
     for split, image_ids in lists.items():
         kept = short = missing = 0

@@ -103,7 +103,7 @@ def vg_layout(tmp_path):
         # 12 phrases in file order, region ids not in order; "A Man " duplicates "a man" (kept: the first),
         # one phrase is blank: 10 distinct phrases remain.
         1: [region(50, "a man"), region(10, "Tall tree"), region(30, "A Man "), region(20, "   "),
-            *[region(100 + i, p) for i, p in enumerate(phrases(8, "one"))]],
+            *[region(40 + i, p) for i, p in enumerate(phrases(8, "one"))]],
         2: [region(i, p) for i, p in enumerate(phrases(9, "two"))],  # too few
         3: [region(i, p) for i, p in enumerate(phrases(10, "three"))],
         5: [region(i, p) for i, p in enumerate([*phrases(9, "five"), "five thing 0", "FIVE THING 1"])],  # 9 left
@@ -123,13 +123,15 @@ def test_vg_import_keeps_distinct_lowercased_phrases_in_region_order_and_counts_
     counts = import_vg_queries(rg, splits, tmp_path / "queries.jsonl", max_turns=10)
     sets = read_query_sets(tmp_path / "queries.jsonl")
     assert [(s.image_id, s.split) for s in sets] == [("1", "train"), ("3", "val")]
-    assert sets[0].queries == ("tall tree", "a man", *phrases(8, "one"))  # by region id: 10, 50, 100…
+    # The duplicate kept is the first in file order (region 50, not 30); then by region id: 10, 40…47, 50.
+    assert sets[0].queries == ("tall tree", *phrases(8, "one"), "a man")
     assert sets[1].queries == tuple(phrases(10, "three"))
     assert counts.images == {"train": 1, "val": 1, "test": 0}
     assert counts.too_few_queries == {"train": 1, "val": 0, "test": 1}
     assert counts.missing == {"train": 0, "val": 0, "test": 1} and counts.missing_examples == ["4"]
     assert (counts.duplicate_phrases, counts.empty_phrases) == (3, 1)
-    assert "test: 0 images kept" in counts.summary() and "3 exact duplicates" in counts.summary()
+    assert "test: 0 images kept, 1 with fewer than 10 distinct phrases" in counts.summary()
+    assert "3 exact duplicates" in counts.summary()
     # With fewer rounds, image 2 (9 phrases) and 5 (9 distinct) are kept.
     counts = import_vg_queries(rg, splits, tmp_path / "q9.jsonl", max_turns=9)
     assert counts.images == {"train": 2, "val": 1, "test": 1}
@@ -313,3 +315,11 @@ def test_query_data_names_the_line_of_a_set_that_cannot_be_used(query_store):
         build_query_data(lost, store.image_ids, Vocabulary.build([], 1), max_turns=3)
     by_stem = [QuerySet("img2", ("a", "b", "c"), "test", "q.jsonl:1")]  # ids resolve like captions'
     assert build_query_data(by_stem, store.image_ids, vocab, 3).image_ids == ["img2.jpg"]
+
+
+def test_vg_single_file_without_image_ids_is_named(tmp_path, vg_layout):
+    _, splits, _ = vg_layout
+    single = tmp_path / "region_descriptions.json"
+    single.write_text(json.dumps([{"regions": [{"phrase": "a", "region_id": 1}]}]), encoding="utf-8")
+    with pytest.raises(QueryFormatError, match="entry 0 names no integer image id"):
+        import_vg_queries(single, splits, tmp_path / "q.jsonl")
