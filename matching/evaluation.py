@@ -171,3 +171,68 @@ def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict[str, floa
         metrics[f"t2i_r{k}"] = 100.0 * min(1.0, k / n_images)
     metrics["rsum"] = sum(metrics.values())
     return metrics
+
+
+# --------------------------------------------------------------------------- multi-query retrieval (HMRN)
+#
+# A multi-query score tensor is (rounds, Q, N): query set q against image n after round r.
+# Query set q describes image q (Q = N) unless `targets` says otherwise. Every query set
+# is ranked (HMRN's script leaves out its last 96 test images; nothing is left out here),
+# and ties count against the query, as above.
+
+ROUND_KEYS = ("r1", "r5", "r10", "meanr")
+
+
+def round_ranks(scores: np.ndarray, targets: np.ndarray | None = None) -> np.ndarray:
+    """(R, Q) 0-based rank of each query set's target image among the N images, at each round.
+
+    Args:
+        scores: (R, Q, N) scores of query set q against image n at round r.
+        targets: (Q,) the column of each set's image; default q (requires Q = N).
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 3:
+        raise ValueError(f"scores must be a 3-d (rounds × query sets × images) tensor, not shape {scores.shape}")
+    rounds, n_sets, n_images = scores.shape
+    if targets is None:
+        if n_sets != n_images:
+            raise ValueError(f"scores has {n_sets} query sets for {n_images} images; give each set's target image")
+        targets = np.arange(n_sets)
+    targets = np.asarray(targets, np.int64)
+    if targets.shape != (n_sets,) or (n_sets and (targets.min() < 0 or targets.max() >= n_images)):
+        raise ValueError(f"targets must be {n_sets} image columns in 0..{n_images - 1}")
+    ranks = np.empty((rounds, n_sets), np.int64)
+    for start in range(0, n_sets, _ROW_CHUNK):
+        rows = np.arange(start, min(start + _ROW_CHUNK, n_sets))
+        block = scores[:, rows]  # (R, b, N)
+        if not np.isfinite(block).all():
+            raise ValueError("scores contain NaN or infinite values")
+        truth = block[:, np.arange(len(rows)), targets[rows]]  # (R, b)
+        ranks[:, rows] = (block >= truth[..., None]).sum(axis=2) - 1
+    return ranks
+
+
+def round_metrics(scores: np.ndarray, targets: np.ndarray | None = None) -> dict[str, list[dict[str, float]]]:
+    """Per-round R@1/5/10 (percent) and mean rank: {"rounds": [{"round": 1, "r1", "r5", "r10", "meanr"}, …]}."""
+    ranks = round_ranks(scores, targets)
+    return {"rounds": [{"round": r + 1, "r1": 100.0 * float(np.mean(row < 1)), "r5": 100.0 * float(np.mean(row < 5)),
+                        "r10": 100.0 * float(np.mean(row < 10)), "meanr": float(row.mean() + 1)}
+                       for r, row in enumerate(ranks)]}
+
+
+def round_chance(n_images: int) -> dict[str, float]:
+    """What a model ranking at random gets: R@K = K/N (percent), mean rank (N + 1)/2."""
+    return {"r1": 100.0 * min(1.0, 1 / n_images), "r5": 100.0 * min(1.0, 5 / n_images),
+            "r10": 100.0 * min(1.0, 10 / n_images), "meanr": (n_images + 1) / 2}
+
+
+def format_round_table(metrics: dict[str, list[dict[str, float]]], chance: dict[str, float] | None = None) -> str:
+    """The per-round table: one row per round (R@1, R@5, R@10, mean rank), optionally a chance row."""
+    header = f"{'round':>5} | {'R@1':>6} {'R@5':>6} {'R@10':>6} {'meanr':>8}"
+    lines = [header, "-" * len(header)]
+    for row in metrics["rounds"]:
+        lines.append(f"{row['round']:>5} | {row['r1']:6.1f} {row['r5']:6.1f} {row['r10']:6.1f} {row['meanr']:8.1f}")
+    if chance is not None:
+        lines.append(f"{'chance':>5} | {chance['r1']:6.1f} {chance['r5']:6.1f} {chance['r10']:6.1f} "
+                     f"{chance['meanr']:8.1f}")
+    return "\n".join(lines)

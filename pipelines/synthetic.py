@@ -187,3 +187,53 @@ def write_image_dataset(out: str | os.PathLike, scenes: list[Scene], *, size: in
             render_scene(scene, size, seed).save(target)
     write_captions(out / "captions.jsonl", scenes, seed)
     return images
+
+
+# --------------------------------------------------------------------------- multi-query scenes
+
+# A small palette, so that any one object appears in many scenes: a single query is
+# ambiguous, while a scene's set of objects is (almost) unique.
+MULTIQUERY_COLOURS = ("red", "green", "blue", "yellow")
+MULTIQUERY_SHAPES = ("circle", "square", "triangle", "star")
+
+
+def make_multiquery_scenes(n_images: int, *, objects_per_scene: int = 4, colours: tuple[str, ...] = MULTIQUERY_COLOURS,
+                           shapes: tuple[str, ...] = MULTIQUERY_SHAPES, seed: int = 0) -> list[Scene]:
+    """`n_images` scenes of `objects_per_scene` different objects each, no two with the same set, split 80/10/10."""
+    from math import comb
+
+    kinds = [(c, s) for c in colours for s in shapes]
+    if comb(len(kinds), objects_per_scene) < n_images:
+        raise ValueError(f"{len(kinds)} kinds of object make fewer than {n_images} different scenes "
+                         f"of {objects_per_scene}")
+    rng = np.random.default_rng(seed)
+    bounds = np.cumsum([share for _, share in SPLITS]) * n_images
+    scenes, seen = [], set()
+    while len(scenes) < n_images:
+        chosen = rng.choice(len(kinds), size=objects_per_scene, replace=False)
+        key = tuple(sorted(int(i) for i in chosen))
+        if key in seen:
+            continue
+        seen.add(key)
+        index = len(scenes)
+        split = next(name for (name, _), bound in zip(SPLITS, bounds, strict=True) if index < bound)
+        objects = [SceneObject(kinds[i][0], kinds[i][1], PLACES[rng.integers(len(PLACES))]) for i in chosen]
+        scenes.append(Scene(f"scene_{index:05d}.png", objects, split))
+    return scenes
+
+
+def write_multiquery_dataset(out: str | os.PathLike, scenes: list[Scene], *, feature_dim: int = 32,
+                             max_boxes: int = 6, noise: float = 0.35, seed: int = 0) -> Path:
+    """Region features of `scenes` (as `write_feature_dataset`) and OUT/queries.jsonl, one query per object.
+
+    Each scene's queries name its objects ("a red circle", "a blue star", …) in a random
+    order; returns the feature directory.
+    """
+    from matching.multiquery_data import QuerySet, write_query_sets
+
+    out = write_feature_dataset(out, scenes, feature_dim=feature_dim, max_boxes=max_boxes, noise=noise, seed=seed)
+    rng = np.random.default_rng(seed + 2)
+    sets = [QuerySet(scene.image_id, tuple(scene.objects[i].named for i in rng.permutation(len(scene.objects))),
+                     scene.split, scene.image_id) for scene in scenes]
+    write_query_sets(out / "queries.jsonl", sets)
+    return out
