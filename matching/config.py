@@ -16,6 +16,7 @@ REASONING = ("hsr", "sgr")
 STREAMS = ("i2t", "t2i", "both")
 ATTENTION_CLIPS = ("leaky_relu", "relu")
 RELATION_NORMS = ("softmax", "none")
+TASKS = ("matching", "multi-query")  # one caption ↔ one image (TSHSR, SGR); several queries → one image (HMRN)
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,73 @@ class ModelConfig:
         return cls.variant("sgr", **{"reasoning_steps": 3, **overrides})
 
 
+DIRECTIONS = ("i2t", "t2i")
+QUERY_READOUTS = ("last", "ends")
+ROUND_WEIGHTS = ("triangular", "rounded", "constant")
+
+
+
+@dataclass
+class MultiQueryConfig:
+    """The HMRN network and its loss; defaults are HMRN's (opts.py of LZH-053/HMRN)."""
+
+    vocab_size: int = 0  # rows of the word embedding; set from the vocabulary
+    img_dim: int = 2048  # width of the region features
+    num_regions: int = 36  # K: most boxes an image has (the image self-attention normalises per region)
+    word_dim: int = 300  # word embedding size
+    embed_size: int = 256  # d: joint embedding size (GRU hidden size); HMRN uses 256, not TSHSR's 1024
+    sim_dim: int = 256  # m: similarity vector size of the reasoning nodes
+    gru_layers: int = 1  # stacked GRU layers
+    bidirectional: bool = True  # BiGRU; the two directions are averaged
+    dropout: float = 0.4  # on word embeddings and in the self-attention poolings
+    normalize_images: bool = True  # l2-normalise region embeddings
+    normalize_text: bool = True  # l2-normalise query vectors
+    query_readout: str = "last"  # last: both directions at the last token (HMRN); ends: backward at the first
+    max_turns: int = 10  # T: queries per image in training, rounds in evaluation
+    direction: str = "i2t"  # local-level attention: i2t (regions attend to queries) or t2i (queries to regions)
+    lambda_i2t: float = 5.0  # softmax temperature over queries of the i2t local level
+    lambda_t2i: float = 15.0  # softmax temperature over regions of the t2i local level
+    lambda_reasoning: float = 15.0  # temperature of the reasoning's query → region attention (HMRN: its t2i one)
+    reasoning_steps: int = 3  # SGR steps of the vector-based reasoning
+    local_weight: float = 0.6  # α: weight of the local level in the loss and the score
+    reasoning_weight: float = 0.3  # β: weight of the reasoning; the global level gets 1 − α − β
+    tau: float = 40.0  # InfoNCE temperature (logits = τ · similarity)
+    round_weight: str = "triangular"  # w_r of the reasoning at round r: triangular, rounded (HMRN's code), constant
+
+    @property
+    def global_weight(self) -> float:
+        return 1.0 - self.local_weight - self.reasoning_weight
+
+    def validate(self) -> MultiQueryConfig:
+        """Raise ConfigError on a value no model can be built from; returns self."""
+        choices = {"direction": DIRECTIONS, "query_readout": QUERY_READOUTS, "round_weight": ROUND_WEIGHTS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name} = {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        for name in ("img_dim", "num_regions", "word_dim", "embed_size", "sim_dim", "gru_layers", "max_turns"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be at least 1, not {getattr(self, name)}")
+        if self.reasoning_steps < 0:
+            raise ConfigError(f"model.reasoning_steps must be 0 or more, not {self.reasoning_steps}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), not {self.dropout}")
+        for name in ("lambda_i2t", "lambda_t2i", "lambda_reasoning", "tau"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be positive, not {getattr(self, name)}")
+        if min(self.local_weight, self.reasoning_weight) < 0 or self.global_weight < -1e-9:
+            raise ConfigError(f"model.local_weight ({self.local_weight}) and model.reasoning_weight "
+                              f"({self.reasoning_weight}) must be non-negative and sum to at most 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> MultiQueryConfig:
+        """Build from plain data (a checkpoint or YAML), checking names and types."""
+        return _build(cls, payload, "model").validate()
+
+
 @dataclass
 class TrainConfig:
     """The training recipe (§IV-A); COCO/Flickr30K presets in `PRESETS`."""
@@ -128,24 +196,43 @@ VARIANTS: dict[str, dict[str, Any]] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "coco": {"epochs": 20, "lr_decay_epoch": 10},
     "f30k": {"epochs": 40, "lr_decay_epoch": 30},
+    # HMRN's recipe (its opts.py): Adam 4e-4, batch 128, gradient clipping 2, 150 epochs with lr × 0.1
+    # from epoch 75, validation on all val images. The default of the multi-query task.
+    "hmrn": {"learning_rate": 4e-4, "batch_size": 128, "grad_clip": 2.0, "epochs": 150, "lr_decay_epoch": 75,
+             "lr_decay": 0.1, "val_images": 0},
 }
+TASK_DEFAULT_PRESET = {"matching": None, "multi-query": "hmrn"}
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network (`model`: a ModelConfig, or a MultiQueryConfig for the multi-query task) and the recipe."""
+
+    model: ModelConfig | MultiQueryConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: str = "matching"  # one of TASKS; saved with every run and checkpoint
+
+    @classmethod
+    def default(cls, task: str = "matching") -> Config:
+        """The defaults of a task: its model's, and its recipe (the paper's, or HMRN's for multi-query)."""
+        if task not in TASKS:
+            raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        preset = TASK_DEFAULT_PRESET[task]
+        return cls(model=MODEL_CONFIGS[task](), train=TrainConfig(**(PRESETS[preset] if preset else {})), task=task)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"task": self.task, "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> Config:
-        unknown = set(payload) - {"model", "train"}
+        unknown = set(payload) - {"model", "train", "task"}
         if unknown:
-            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}; expected model, train")
-        return cls(model=_build(ModelConfig, payload.get("model", {}), "model").validate(),
-                   train=_build(TrainConfig, payload.get("train", {}), "train").validate())
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}; expected model, train, task")
+        task = payload.get("task", "matching")  # checkpoints before the multi-query task have no task
+        if task not in TASKS:
+            raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        return cls(model=_build(MODEL_CONFIGS[task], payload.get("model", {}), "model").validate(),
+                   train=_build(TrainConfig, payload.get("train", {}), "train").validate(), task=task)
 
     def updated(self, model: dict[str, Any] | None = None, train: dict[str, Any] | None = None) -> Config:
         """A copy with some fields replaced (checked like a config file)."""
@@ -153,6 +240,9 @@ class Config:
         payload["model"].update(model or {})
         payload["train"].update(train or {})
         return Config.from_dict(payload)
+
+
+MODEL_CONFIGS: dict[str, type] = {"matching": ModelConfig, "multi-query": MultiQueryConfig}
 
 
 def _build(kind: type, values: dict[str, Any], section: str) -> Any:
@@ -263,13 +353,18 @@ def apply_settings(config: Config, dotted: dict[str, Any]) -> Config:
 
 
 def resolve_config(*, preset: str | None = None, config_file: str | None = None, variant: str | None = None,
-                   overrides: dict[str, Any] | None = None, sets: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the run's Config: defaults < preset < config file < variant < overrides < ``--set section.key=value``.
+                   overrides: dict[str, Any] | None = None, sets: list[str] | tuple[str, ...] = (),
+                   task: str = "matching") -> Config:
+    """Build the run's Config: the task's defaults < preset < config file < variant < overrides
+    < ``--set section.key=value``.
 
     `overrides` maps "model.embed_size"-style names to values (None values are ignored).
     """
-    return apply_settings(Config(), requested_settings(preset=preset, config_file=config_file, variant=variant,
-                                                       overrides=overrides, sets=sets))
+    if variant and task != "matching":
+        raise ConfigError(f"--variant {variant} names a matching model; the {task} task has its own model "
+                          "(set its fields with --set model.FIELD=VALUE)")
+    return apply_settings(Config.default(task), requested_settings(preset=preset, config_file=config_file,
+                                                                   variant=variant, overrides=overrides, sets=sets))
 
 
 def settings_differences(config: Config, dotted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -51,7 +51,6 @@ Where the paper and HMRN's code are silent or disagree (each other option is a c
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,84 +61,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from matching.config import ConfigError, _build
+from matching.config import ROUND_WEIGHTS, ConfigError, MultiQueryConfig
 from matching.encoders import Embedded, ImageEncoder, TextEncoder
 from matching.multiquery_data import pad_query_sets
 from matching.reasoning import SGRLayer
 from matching.scoring import ImageSource, default_budget, encode_images
 from matching.similarity import VectorSimilarity, attend_regions, clipped_cosines
 from matching.tensors import l2norm, masked_softmax, xavier_init_
-
-DIRECTIONS = ("i2t", "t2i")
-QUERY_READOUTS = ("last", "ends")
-ROUND_WEIGHTS = ("triangular", "rounded", "constant")
-
-# HMRN's recipe as overrides of `matching.config.TrainConfig` (its opts.py): Adam 4e-4, batch 128,
-# gradient clipping 2, 150 epochs with lr × 0.1 from epoch 75, validation on all val images.
-TRAIN_PRESET: dict[str, Any] = {"learning_rate": 4e-4, "batch_size": 128, "grad_clip": 2.0, "epochs": 150,
-                                "lr_decay_epoch": 75, "lr_decay": 0.1, "val_images": 0}
-
-
-@dataclass
-class MultiQueryConfig:
-    """The HMRN network and its loss; defaults are HMRN's (opts.py of LZH-053/HMRN)."""
-
-    vocab_size: int = 0  # rows of the word embedding; set from the vocabulary
-    img_dim: int = 2048  # width of the region features
-    num_regions: int = 36  # K: most boxes an image has (the image self-attention normalises per region)
-    word_dim: int = 300  # word embedding size
-    embed_size: int = 256  # d: joint embedding size (GRU hidden size); HMRN uses 256, not TSHSR's 1024
-    sim_dim: int = 256  # m: similarity vector size of the reasoning nodes
-    gru_layers: int = 1  # stacked GRU layers
-    bidirectional: bool = True  # BiGRU; the two directions are averaged
-    dropout: float = 0.4  # on word embeddings and in the self-attention poolings
-    normalize_images: bool = True  # l2-normalise region embeddings
-    normalize_text: bool = True  # l2-normalise query vectors
-    query_readout: str = "last"  # last: both directions at the last token (HMRN); ends: backward at the first
-    max_turns: int = 10  # T: queries per image in training, rounds in evaluation
-    direction: str = "i2t"  # local-level attention: i2t (regions attend to queries) or t2i (queries to regions)
-    lambda_i2t: float = 5.0  # softmax temperature over queries of the i2t local level
-    lambda_t2i: float = 15.0  # softmax temperature over regions of the t2i local level
-    lambda_reasoning: float = 15.0  # temperature of the reasoning's query → region attention (HMRN: its t2i one)
-    reasoning_steps: int = 3  # SGR steps of the vector-based reasoning
-    local_weight: float = 0.6  # α: weight of the local level in the loss and the score
-    reasoning_weight: float = 0.3  # β: weight of the reasoning; the global level gets 1 − α − β
-    tau: float = 40.0  # InfoNCE temperature (logits = τ · similarity)
-    round_weight: str = "triangular"  # w_r of the reasoning at round r: triangular, rounded (HMRN's code), constant
-
-    @property
-    def global_weight(self) -> float:
-        return 1.0 - self.local_weight - self.reasoning_weight
-
-    def validate(self) -> MultiQueryConfig:
-        """Raise ConfigError on a value no model can be built from; returns self."""
-        choices = {"direction": DIRECTIONS, "query_readout": QUERY_READOUTS, "round_weight": ROUND_WEIGHTS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"model.{name} = {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        for name in ("img_dim", "num_regions", "word_dim", "embed_size", "sim_dim", "gru_layers", "max_turns"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be at least 1, not {getattr(self, name)}")
-        if self.reasoning_steps < 0:
-            raise ConfigError(f"model.reasoning_steps must be 0 or more, not {self.reasoning_steps}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), not {self.dropout}")
-        for name in ("lambda_i2t", "lambda_t2i", "lambda_reasoning", "tau"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"model.{name} must be positive, not {getattr(self, name)}")
-        if min(self.local_weight, self.reasoning_weight) < 0 or self.global_weight < -1e-9:
-            raise ConfigError(f"model.local_weight ({self.local_weight}) and model.reasoning_weight "
-                              f"({self.reasoning_weight}) must be non-negative and sum to at most 1")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> MultiQueryConfig:
-        """Build from plain data (a checkpoint or YAML), checking names and types."""
-        return _build(cls, payload, "model").validate()
-
 
 # --------------------------------------------------------------------------- the pieces
 

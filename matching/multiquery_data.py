@@ -35,7 +35,7 @@ from torch.utils.data import Dataset, Sampler
 from extract.safeio import atomic_write
 from extract.shards import FeatureStore
 from matching.captions import SPLIT_ALIASES, CaptionFormatError, resolve_image_ids
-from matching.data import LengthBucketSampler
+from matching.data import EpochBatchSampler
 from matching.text import Vocabulary
 
 VG_SPLITS = ("train", "val", "test")
@@ -424,14 +424,14 @@ class QuerySetBatchSampler(Sampler[list[tuple[int, int]]]):
     """Shuffled batches of (set index, epoch) keys, every set once per epoch, order fixed by (seed, epoch).
 
     The batching, `start_batch` (resume) and DistributedDataParallel slicing are
-    `LengthBucketSampler`'s with all lengths equal; the epoch travels with each
+    `EpochBatchSampler`'s (uniform batches); the epoch travels with each
     key so that the dataset draws that epoch's queries even in persistent workers.
     """
 
     def __init__(self, num_sets: int, batch_size: int, *, seed: int = 0, drop_last: bool = False,
                  num_replicas: int = 1, rank: int = 0) -> None:
-        self.inner = LengthBucketSampler(np.ones(num_sets, np.int64), batch_size, seed=seed, drop_last=drop_last,
-                                         num_replicas=num_replicas, rank=rank)
+        self.inner = EpochBatchSampler(np.ones(num_sets, np.int64), batch_size, seed=seed, drop_last=drop_last,
+                                       num_replicas=num_replicas, rank=rank)
 
     @property
     def epoch(self) -> int:
