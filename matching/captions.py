@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SPLIT_ALIASES = {"restval": "train", "val": "val", "dev": "val", "validation": "val"}
 
@@ -143,17 +144,28 @@ def read_split(path: str | os.PathLike, split: str | Sequence[str], purpose: str
     """The captions of `split` (a name or names; captions without a split count for any),
     or a CaptionFormatError naming the split, the file and the splits it has."""
     everything = read_captions(path)
-    wanted = {_split_name(s) for s in ([split] if isinstance(split, str) else split)}
-    selected = [c for c in everything if c.split is None or c.split in wanted]
+    selected = select_split(everything, split)
     if not selected:
-        counts: dict[str, int] = {}
-        for caption in everything:
-            counts[str(caption.split)] = counts.get(str(caption.split), 0) + 1
-        names = "', '".join(sorted(str(s) for s in wanted))
-        listed = ", ".join(f"{name} ({n} captions)" for name, n in sorted(counts.items()))
-        raise CaptionFormatError(f"{path}: no captions of split '{names}'" + (f" for {purpose}" if purpose else "")
-                                 + f"; the file has {listed}")
+        raise missing_split(path, split, [c.split for c in everything], purpose, "captions")
     return selected
+
+
+def select_split(items: Sequence[Any], split: str | Sequence[str]) -> list[Any]:
+    """The items (anything with a `.split`) of `split`; items without a split count for any."""
+    wanted = {_split_name(s) for s in ([split] if isinstance(split, str) else split)}
+    return [item for item in items if item.split is None or item.split in wanted]
+
+
+def missing_split(path: str | os.PathLike, split: str | Sequence[str], splits: Sequence[str | None],
+                  purpose: str = "", what: str = "captions") -> CaptionFormatError:
+    """The error for a split a file does not have, naming the splits it has with their counts."""
+    counts: dict[str, int] = {}
+    for name in splits:
+        counts[str(name)] = counts.get(str(name), 0) + 1
+    names = "', '".join(sorted({str(_split_name(s)) for s in ([split] if isinstance(split, str) else split)}))
+    listed = ", ".join(f"{name} ({n} {what})" for name, n in sorted(counts.items()))
+    return CaptionFormatError(f"{path}: no {what} of split '{names}'" + (f" for {purpose}" if purpose else "")
+                              + f"; the file has {listed}")
 
 
 def group_by_image(captions: Iterable[Caption]) -> dict[str, list[Caption]]:

@@ -24,7 +24,7 @@ import torch
 
 from extract.safeio import atomic_write
 from matching.config import Config, ConfigError
-from matching.model import TSHSR, build_model
+from matching.model import build_model
 from matching.text import Vocabulary, VocabularyError
 
 FORMAT = "tshsr-pipe"
@@ -76,13 +76,26 @@ def load_payload(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, An
     return payload
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[TSHSR, Config, Vocabulary]:
-    """Rebuild the model from its saved config and load its weights: (model in eval mode, config, vocab)."""
+def build_network(config: Config) -> torch.nn.Module:
+    """A freshly initialised network for a config of either task (TSHSR for matching, HMRN for multi-query)."""
+    if config.task == "multi-query":
+        from matching.multiquery import build_hmrn
+
+        return build_hmrn(config.model)
+    return build_model(config.model)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Any, Config, Vocabulary]:
+    """Rebuild the model from its saved config and load its weights: (model in eval mode, config, vocab).
+
+    The model is a `TSHSR` for a matching checkpoint and an `HMRN` for a multi-query one
+    (`config.task` says which).
+    """
     payload = load_payload(path)
     try:
         config = Config.from_dict(payload["config"])
         vocab = Vocabulary(payload["vocab"])
-        model = build_model(config.model)
+        model = build_network(config)
         model.load_state_dict(payload["model"])
     except (KeyError, ConfigError, VocabularyError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{path}: inconsistent checkpoint ({_first_line(error)})") from None

@@ -245,12 +245,18 @@ class HMRN(nn.Module):
 
     def forward(self, features: Tensor, num_boxes: Tensor, tokens: Tensor, lengths: Tensor) -> MultiQuerySimilarities:
         """A training batch (B images, their B query sets (B, T, L)) → similarity matrices (B, B[, T])."""
-        images = self.encode_images(features, num_boxes)
-        queries = self.encode_queries(tokens, lengths)
-        cosines = clipped_cosines(images.local, queries.local)  # (B, B, K, T)
-        local = self.local_similarity(cosines, images, queries.mask, tokens.shape[1])  # (B, B, T)
-        glob = images.glob @ queries.glob.t()  # (B, B)
-        reasoning = self.reasoning(cosines, images, queries.local, queries.mask, queries.glob)  # (B, B)
+        return self.similarities(self.encode_images(features, num_boxes), self.encode_queries(tokens, lengths))
+
+    def similarities(self, images: Embedded, queries: Embedded) -> MultiQuerySimilarities:
+        """Every encoded image against every encoded query set, all its T queries: (Bi, Bq[, T]).
+
+        Training scores the batch with it; under torchrun each process scores its images
+        against every process's query sets and every image against its own sets.
+        """
+        cosines = clipped_cosines(images.local, queries.local)  # (Bi, Bq, K, T)
+        local = self.local_similarity(cosines, images, queries.mask, queries.local.shape[1])  # (Bi, Bq, T)
+        glob = images.glob @ queries.glob.t()  # (Bi, Bq)
+        reasoning = self.reasoning(cosines, images, queries.local, queries.mask, queries.glob)  # (Bi, Bq)
         return MultiQuerySimilarities(local, glob, reasoning)
 
     def round_scores(self, images: Embedded, queries: Embedded, query_globs: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, Sampler
 
 from extract.safeio import atomic_write
 from extract.shards import FeatureStore
-from matching.captions import SPLIT_ALIASES, CaptionFormatError, resolve_image_ids
+from matching.captions import SPLIT_ALIASES, CaptionFormatError, missing_split, resolve_image_ids, select_split
 from matching.data import EpochBatchSampler
 from matching.text import Vocabulary
 
@@ -111,8 +111,29 @@ def read_query_sets(path: str | os.PathLike, split: str | Sequence[str] | None =
         raise QueryFormatError(f"{path}: no query sets")
     if split is None:
         return sets
-    wanted = {_split_name(s) for s in ([split] if isinstance(split, str) else split)}
-    return [s for s in sets if s.split is None or s.split in wanted]
+    return select_split(sets, split)
+
+
+def read_query_split(path: str | os.PathLike, split: str | Sequence[str], purpose: str = "") -> list[QuerySet]:
+    """The query sets of `split`, or a QueryFormatError naming the split, the file and the splits it has."""
+    sets = read_query_sets(path)
+    selected = select_split(sets, split)
+    if not selected:
+        raise QueryFormatError(str(missing_split(path, split, [s.split for s in sets], purpose, "query sets")))
+    return selected
+
+
+def is_query_file(path: str | os.PathLike) -> bool:
+    """True when `path` is a multi-query JSONL file (its first record has "queries"), not a caption file."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as handle:
+            for line in handle:
+                if line.strip():
+                    record = json.loads(line)
+                    return isinstance(record, dict) and "queries" in record
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def write_query_sets(path: str | os.PathLike, sets: Iterable[QuerySet]) -> Path:

@@ -5,7 +5,7 @@
     config.yaml          the resolved Config (written at the start, rewritten when a resume changes it)
     checkpoint_last.pt   model, optimizer, epoch, position in the epoch, RNG states: the resume point
     model_best.pt        the best epoch by validation rsum (a plain checkpoint)
-    metrics.csv          one row per finished epoch (columns `METRICS_FIELDS`)
+    metrics.csv          one row per finished epoch (the matching task's columns: `METRICS_FIELDS`)
     train.log            every log line, with its time
     events.*             TensorBoard scalars
     .lock                held while a process trains here (host:pid)
@@ -34,7 +34,9 @@ LOG = "train.log"
 LOCK = ".lock"
 EVENTS = "events.out.tfevents.*"
 RECALL_FIELDS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-METRICS_FIELDS = ("epoch", "step", "lr", "train_loss", *RECALL_FIELDS, "rsum", "best_rsum", "seconds")
+ROW_START = ("epoch", "step", "lr", "train_loss")  # then the task's validation columns (matching: recalls, rsum)
+ROW_END = ("best_rsum", "seconds")
+METRICS_FIELDS = (*ROW_START, *RECALL_FIELDS, "rsum", *ROW_END)  # the matching task's columns
 
 
 class RunError(ValueError):
@@ -104,23 +106,35 @@ class RunDirectory:
             return [{k: float(v) for k, v in row.items() if k and v not in ("", None)}
                     for row in csv.DictReader(handle)]
 
-    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Rewrite metrics.csv atomically with `rows` (so a crash never leaves half a row)."""
+    def write_metrics(self, rows: list[dict[str, Any]], fields: tuple[str, ...]) -> None:
+        """Rewrite metrics.csv atomically with `rows` (so a crash never leaves half a row).
+
+        `fields` are the task's validation columns, between the loss and best_rsum.
+        """
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(METRICS_FIELDS), extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=[*ROW_START, *fields, *ROW_END], extrasaction="ignore",
+                                lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         write_text(self.metrics, buffer.getvalue())
 
-    def append_metrics(self, row: dict[str, Any]) -> None:
-        self.write_metrics([*self.read_metrics(), row])
+    def metric_fields(self) -> tuple[str, ...]:
+        """The validation columns of the existing metrics.csv (none when there is no file)."""
+        if not self.metrics.exists():
+            return ()
+        with open(self.metrics, encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+        return tuple(name for name in header if name not in (*ROW_START, *ROW_END))
+
+    def append_metrics(self, row: dict[str, Any], fields: tuple[str, ...]) -> None:
+        self.write_metrics([*self.read_metrics(), row], fields)
 
     def keep_metrics_until(self, epoch: int) -> None:
         """Drop rows after `epoch` (a run resumed from a checkpoint older than its last row)."""
         rows = self.read_metrics()
         if any(int(row["epoch"]) > epoch for row in rows):
-            self.write_metrics([row for row in rows if int(row["epoch"]) <= epoch])
+            self.write_metrics([row for row in rows if int(row["epoch"]) <= epoch], self.metric_fields())
 
 
 def run_finished(run_dir: str | os.PathLike) -> bool:

@@ -49,6 +49,7 @@ from matching.loss import hardest_negative_loss, hinge_rows
 from matching.model import TSHSR, build_model
 from matching.rundir import RECALL_FIELDS, RunDirectory, RunError
 from matching.scoring import StoreImages
+from matching.tasks import TrainingData, TrainingTask
 from matching.text import Vocabulary
 
 COLLAPSE_SPREAD = 1e-4  # score std below this across a batch means every pair scores the same
@@ -103,57 +104,6 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class TrainingData:
-    store: FeatureStore
-    dataset: PairDataset
-    validation: tuple[list[str], list[list[int]]] | None  # (image ids, their captions' tokens), or none
-
-
-def load_training_data(config: Config, features: Path, captions: Path, vocab: Vocabulary, train_split: str,
-                       val_split: str | None, log: Callable[[str], None]) -> tuple[Config, TrainingData]:
-    """Open the data, fit the model config to it (region count, feature width, vocabulary size),
-    and build the train set and the validation set."""
-    store = FeatureStore(features)
-    # Region count and feature width are facts of the data, not choices.
-    config = config.updated(model={"img_dim": store.feature_dim, "num_regions": store.max_boxes,
-                                   "vocab_size": len(vocab)})
-    pairs = build_pairs(read_split(captions, train_split, "training"), store.image_ids, vocab)
-    dataset = PairDataset(store, pairs, in_memory=config.train.features_in_memory)
-    validation = None
-    if not val_split:
-        log("note: no validation split (--val-split ''): model_best.pt is the last epoch")
-    else:
-        # Unsplit captions are training data; validation needs captions marked as the val split.
-        val_captions = [c for c in read_captions(captions, val_split) if c.split is not None]
-        if not val_captions:
-            log(f"note: {captions} has no captions marked '{val_split}': no validation; "
-                "model_best.pt is the last epoch")
-        else:
-            image_ids, ordered = evaluation_set(val_captions, store.image_ids, config.train.captions_per_image)
-            if config.train.val_images:
-                image_ids = image_ids[: config.train.val_images]
-                ordered = ordered[: len(image_ids) * config.train.captions_per_image]
-            validation = (image_ids, [vocab.encode(c.text) for c in ordered])
-    return config, TrainingData(store, dataset, validation)
-
-
-def validate(model: TSHSR, data: TrainingData, config: Config, device: torch.device,
-             launch: Launch | None = None) -> dict[str, float]:
-    """Recall metrics on the validation images (all of them against all their captions).
-
-    Under torchrun the images are shared among the ranks and every rank gets the metrics.
-    """
-    assert data.validation is not None
-    image_ids, tokens = data.validation
-    sims = score_matrix_ranks(model, StoreImages(data.store, image_ids), tokens, launch or Launch(), device,
-                              batch_size=max(config.train.batch_size, 32))
-    return recall_metrics(sims, config.train.captions_per_image)
-
-
 # --------------------------------------------------------------------------- one step
 
 
@@ -200,6 +150,102 @@ def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, con
     if not math.isfinite(value):
         raise FloatingPointError(f"the loss became {value}; lower --lr or disable mixed precision")
     return value, float(scores.detach().float().std())
+
+
+class MatchingTask:
+    """One caption ↔ one image (TSHSR, HSR, SGR): caption/image pairs, the hinge loss, recall and rsum."""
+
+    name = "matching"
+    metric_fields = (*RECALL_FIELDS, "rsum")
+
+    def load_data(self, config: Config, features: Path, data_file: Path, vocab: Vocabulary, train_split: str,
+                  val_split: str | None, log: Callable[[str], None]) -> tuple[Config, TrainingData]:
+        """Open the data, fit the model config to it (region count, feature width, vocabulary size),
+        and build the train set and the validation set (image ids, their captions' tokens)."""
+        store = FeatureStore(features)
+        # Region count and feature width are facts of the data, not choices.
+        config = config.updated(model={"img_dim": store.feature_dim, "num_regions": store.max_boxes,
+                                       "vocab_size": len(vocab)})
+        pairs = build_pairs(read_split(data_file, train_split, "training"), store.image_ids, vocab)
+        dataset = PairDataset(store, pairs, in_memory=config.train.features_in_memory)
+        validation = None
+        if not val_split:
+            log("note: no validation split (--val-split ''): model_best.pt is the last epoch")
+        else:
+            # Unsplit captions are training data; validation needs captions marked as the val split.
+            val_captions = [c for c in read_captions(data_file, val_split) if c.split is not None]
+            if not val_captions:
+                log(f"note: {data_file} has no captions marked '{val_split}': no validation; "
+                    "model_best.pt is the last epoch")
+            else:
+                image_ids, ordered = evaluation_set(val_captions, store.image_ids, config.train.captions_per_image)
+                if config.train.val_images:
+                    image_ids = image_ids[: config.train.val_images]
+                    ordered = ordered[: len(image_ids) * config.train.captions_per_image]
+                validation = (image_ids, [vocab.encode(c.text) for c in ordered])
+        return config, TrainingData(store, dataset, validation)
+
+    def build_model(self, config: Config) -> TSHSR:
+        return build_model(config.model)
+
+    def batches(self, data: TrainingData, config: Config, launch: Launch) -> tuple[EpochBatchSampler, Callable]:
+        sampler = EpochBatchSampler([len(c) for c in data.dataset.pairs.captions],
+                                    config.train.batch_size * launch.world_size, seed=config.train.seed,
+                                    length_buckets=config.train.length_buckets, num_replicas=launch.world_size,
+                                    rank=launch.rank)
+        return sampler, collate_pairs
+
+    def distributed_module(self, model: TSHSR) -> torch.nn.Module:
+        return GlobalBatchScores(model)
+
+    def step(self, model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, config: Config,
+             device: torch.device, epoch: int, ddp: torch.nn.Module | None) -> tuple[float, float]:
+        return train_step(model, optimizer, batch, config, device, _hardest(config, epoch), ddp=ddp)
+
+    def validate(self, model: TSHSR, data: TrainingData, config: Config, device: torch.device,
+                 launch: Launch) -> dict[str, float]:
+        return validate(model, data, config, device, launch)
+
+    def summary(self, row: dict[str, Any], config: Config) -> str:
+        negatives = "hardest" if _hardest(config, int(row["epoch"]) - 1) else "all"
+        line = f"{negatives} negatives"
+        if "rsum" in row:
+            line += (f" | val i2t R@1 {row['i2t_r1']:.1f} R@5 {row['i2t_r5']:.1f} R@10 {row['i2t_r10']:.1f}, "
+                     f"t2i R@1 {row['t2i_r1']:.1f} R@5 {row['t2i_r5']:.1f} R@10 {row['t2i_r10']:.1f}, "
+                     f"rsum {row['rsum']:.1f}")
+        return line
+
+    def collapse_hint(self, spread: float, batch_size: int, config: Config) -> str:
+        return (f"warning: training has collapsed: every pair gets the same score (spread {spread:.1e}) "
+                f"and the loss is stuck at 2·B·margin = {2 * batch_size * config.train.margin:.1f}. "
+                "Remedy: train the first epochs on the sum over all negatives (--warmup-epochs 2 or "
+                "more, until validation recall has climbed); on small datasets also raise --lr (e.g. 3e-3).")
+
+
+def _hardest(config: Config, epoch: int) -> bool:
+    """Hardest negatives after the warm-up epochs (which sum the hinge over all negatives)."""
+    return config.train.hardest_negatives and epoch >= config.train.warmup_epochs
+
+
+def validate(model: TSHSR, data: TrainingData, config: Config, device: torch.device,
+             launch: Launch | None = None) -> dict[str, float]:
+    """Recall metrics on the validation images (all of them against all their captions).
+
+    Under torchrun the images are shared among the ranks and every rank gets the metrics.
+    """
+    image_ids, tokens = data.validation
+    sims = score_matrix_ranks(model, StoreImages(data.store, image_ids), tokens, launch or Launch(), device,
+                              batch_size=max(config.train.batch_size, 32))
+    return recall_metrics(sims, config.train.captions_per_image)
+
+
+def task_for(name: str) -> TrainingTask:
+    """The training task of a config's `task`."""
+    if name == "multi-query":
+        from matching.multiquery_training import MultiQueryTask
+
+        return MultiQueryTask()
+    return MatchingTask()
 
 
 # --------------------------------------------------------------------------- the run
@@ -292,27 +338,28 @@ def _check_reuse(run: RunDirectory, resume: bool, overwrite: bool) -> None:
 
 def _describe(config: Config) -> list[str]:
     """The resolved config in two log lines."""
-    return [f"config {section}: " + ", ".join(f"{k}={v}" for k, v in values.items())
-            for section, values in config.to_dict().items()]
+    sections = config.to_dict()
+    return [f"config {section}: " + ", ".join(f"{k}={v}" for k, v in sections[section].items())
+            for section in ("model", "train")] + ([f"config task: {config.task}"] if config.task != "matching" else [])
 
 
 class _Session:
     """Everything one invocation of `train` holds: model, optimizer, data, position and best so far."""
 
-    def __init__(self, *, config: Config, run: RunDirectory, launch: Launch, device: torch.device,
-                 vocab: Vocabulary, data: TrainingData, log: Callable[[str], None]) -> None:
-        self.config, self.run, self.launch, self.device = config, run, launch, device
+    def __init__(self, *, task: TrainingTask, config: Config, run: RunDirectory, launch: Launch,
+                 device: torch.device, vocab: Vocabulary, data: TrainingData, log: Callable[[str], None]) -> None:
+        self.task, self.config, self.run, self.launch, self.device = task, config, run, launch, device
         self.vocab, self.data, self.log = vocab, data, log
         self.epoch = self.batch_in_epoch = self.global_step = 0
         self.best_rsum, self.best_epoch = -1.0, -1
         self.epoch_loss, self.epoch_steps = 0.0, 0
         seed_everything(config.train.seed)
-        self.model = build_model(config.model).to(device)
+        self.model = task.build_model(config).to(device)
         self.ddp = None
         if launch.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(GlobalBatchScores(self.model),
+            self.ddp = DistributedDataParallel(task.distributed_module(self.model),
                                                device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.learning_rate)
 
@@ -331,14 +378,13 @@ class _Session:
         else:
             config.train.validate()
             if source is not None:
-                model_fields = {k: v for k, v in requested.items() if k.startswith("model.")}
-                config = apply_settings(config.updated(model=Config.from_dict(source["config"]).to_dict()["model"]),
-                                        model_fields)
+                config = _fine_tuning_config(config, Config.from_dict(source["config"]), requested, init_from)
+        task = task_for(config.task)
         vocab = Vocabulary.load(vocab_path)
         for payload, what in ((state, str(run.path)), (source, str(init_from))):
             if payload is not None and Vocabulary(payload["vocab"]) != vocab:
                 raise RunError(f"{vocab_path}: not the vocabulary {what} was trained with")
-        fitted, data = load_training_data(config, features, captions, vocab, train_split, val_split, log)
+        fitted, data = task.load_data(config, features, captions, vocab, train_split, val_split, log)
         for payload, what in ((state, str(run.path)), (source, str(init_from))):
             if payload is not None:
                 _check_same_data(Config.from_dict(payload["config"]), fitted, features, what)
@@ -353,7 +399,8 @@ class _Session:
         if launch.distributed:
             log(f"{launch.world_size} processes × batch {config.train.batch_size} = global batch "
                 f"{launch.world_size * config.train.batch_size}")
-        session = cls(config=config, run=run, launch=launch, device=device, vocab=vocab, data=data, log=log)
+        session = cls(task=task, config=config, run=run, launch=launch, device=device, vocab=vocab, data=data,
+                      log=log)
         if state is not None:
             session._restore(state)
         elif source is not None:
@@ -396,14 +443,11 @@ class _Session:
 
     def fit(self, *, max_steps: int | None, progress: bool) -> TrainResult:
         config, launch = self.config, self.launch
-        sampler = EpochBatchSampler([len(c) for c in self.data.dataset.pairs.captions],
-                                    config.train.batch_size * launch.world_size, seed=config.train.seed,
-                                    length_buckets=config.train.length_buckets, num_replicas=launch.world_size,
-                                    rank=launch.rank)
+        sampler, collate = self.task.batches(self.data, config, launch)
         # The loader draws a worker seed from its generator at every epoch start; a generator of
         # its own keeps that draw off the global RNG that dropout uses, so a resume mid-epoch
         # continues the very same dropout masks.
-        loader = DataLoader(self.data.dataset, batch_sampler=sampler, collate_fn=collate_pairs,
+        loader = DataLoader(self.data.dataset, batch_sampler=sampler, collate_fn=collate,
                             num_workers=config.train.workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=config.train.workers > 0,
                             generator=torch.Generator().manual_seed(config.train.seed))
@@ -421,26 +465,25 @@ class _Session:
                     lr = learning_rate(config, self.epoch)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    hardest = config.train.hardest_negatives and self.epoch >= config.train.warmup_epochs
                     sampler.set_epoch(self.epoch, self.batch_in_epoch)
                     steps_in_epoch = self.batch_in_epoch + len(sampler)
                     self.model.train()
                     bar = progress_bar(len(sampler), f"epoch {self.epoch + 1}/{config.train.epochs}", "step",
                                        enabled=bars)
                     for batch in loader:
-                        loss, spread = train_step(self.model, self.optimizer, batch, config, self.device, hardest,
-                                                  ddp=self.ddp)
+                        loss, spread = self.task.step(self.model, self.optimizer, batch, config, self.device,
+                                                      self.epoch, self.ddp)
                         self.global_step += 1
                         self.batch_in_epoch += 1
                         self.epoch_loss += loss
                         self.epoch_steps += 1
                         result.losses.append(loss)
-                        pairs = len(batch.lengths) * launch.world_size
+                        pairs = len(batch.num_boxes) * launch.world_size
                         clock.step(pairs)
                         writer.add_scalar("train/loss", loss, self.global_step)
                         collapsed = collapsed + 1 if spread < COLLAPSE_SPREAD else 0
                         if collapsed == COLLAPSE_STEPS:
-                            self.log(_collapse_warning(spread, pairs, config.train.margin))
+                            self.log(self.task.collapse_hint(spread, pairs, config))
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{clock.pairs_per_second():.0f}")
                         every = config.train.log_every
@@ -461,19 +504,19 @@ class _Session:
                             result.interrupted, result.stopped_by = True, stop.signum
                             return self._finish(result)
                     bar.close()
-                    self._end_epoch(result, lr, hardest, clock, writer)
+                    self._end_epoch(result, lr, clock, writer)
         finally:
             writer.close()
         return self._finish(result)
 
-    def _end_epoch(self, result: TrainResult, lr: float, hardest: bool, clock: _Clock, writer: Any) -> None:
+    def _end_epoch(self, result: TrainResult, lr: float, clock: _Clock, writer: Any) -> None:
         """Validate, keep the best model, record the epoch's row, checkpoint."""
         row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.global_step, "lr": lr,
                                "train_loss": self.epoch_loss / max(self.epoch_steps, 1)}
         improved = self.data.validation is None
         if self.data.validation is not None:
-            metrics = validate(self.model, self.data, self.config, self.device, self.launch)
-            row.update({k: metrics[k] for k in (*RECALL_FIELDS, "rsum")})
+            metrics = self.task.validate(self.model, self.data, self.config, self.device, self.launch)
+            row.update({k: metrics[k] for k in self.task.metric_fields})
             improved = metrics["rsum"] > self.best_rsum
             for key, value in metrics.items():
                 writer.add_scalar(f"val/{key}", value, self.global_step)
@@ -484,9 +527,12 @@ class _Session:
                                 best={"epoch": self.best_epoch, "rsum": self.best_rsum})
         row.update({"best_rsum": self.best_rsum, "seconds": round(clock.elapsed(), 1)})
         if self.launch.is_main:
-            self.run.append_metrics(row)
+            self.run.append_metrics(row, self.task.metric_fields)
         result.history.append(row)
-        self.log(_epoch_line(row, self.config.train.epochs, hardest, improved and self.data.validation is not None))
+        line = (f"epoch {row['epoch']}/{self.config.train.epochs}: loss {row['train_loss']:.4f}, lr {row['lr']:.1e}, "
+                f"{self.task.summary(row, self.config)}")
+        best = " (best)" if improved and self.data.validation is not None else ""
+        self.log(f"{line}{best} [{row['seconds']:.0f}s]")
         self.epoch, self.batch_in_epoch, self.epoch_loss, self.epoch_steps = self.epoch + 1, 0, 0.0, 0
         self.save_last()
 
@@ -512,6 +558,15 @@ def _resumed_config(saved: Config, requested: dict[str, Any], run: RunDirectory,
     for key, (old, new) in sorted(differences.items()):
         log(f"resume: {key} {old} → {new}")
     return apply_settings(saved, {k: requested[k] for k in differences})
+
+
+def _fine_tuning_config(config: Config, source: Config, requested: dict[str, Any],
+                        init_from: str | os.PathLike) -> Config:
+    """A new run from another checkpoint: its task and model config, the model fields asked for, this recipe."""
+    if source.task != config.task:
+        raise RunError(f"{init_from}: a {source.task} checkpoint cannot start a {config.task} run")
+    model_fields = {k: v for k, v in requested.items() if k.startswith("model.")}
+    return apply_settings(config.updated(model=source.to_dict()["model"]), model_fields)
 
 
 def _check_same_data(saved: Config, fitted: Config, features: Path, what: str) -> None:
@@ -555,23 +610,6 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def _collapse_warning(spread: float, batch_size: int, margin: float) -> str:
-    return (f"warning: training has collapsed: every pair gets the same score (spread {spread:.1e}) "
-            f"and the loss is stuck at 2·B·margin = {2 * batch_size * margin:.1f}. "
-            "Remedy: train the first epochs on the sum over all negatives (--warmup-epochs 2 or "
-            "more, until validation recall has climbed); on small datasets also raise --lr (e.g. 3e-3).")
-
-
-def _epoch_line(row: dict[str, Any], epochs: int, hardest: bool, improved: bool) -> str:
-    line = f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} ({'hardest' if hardest else 'all'} " \
-           f"negatives), lr {row['lr']:.1e}"
-    if "rsum" in row:
-        line += (f" | val i2t R@1 {row['i2t_r1']:.1f} R@5 {row['i2t_r5']:.1f} R@10 {row['i2t_r10']:.1f}, "
-                 f"t2i R@1 {row['t2i_r1']:.1f} R@5 {row['t2i_r5']:.1f} R@10 {row['t2i_r10']:.1f}, "
-                 f"rsum {row['rsum']:.1f}" + (" (best)" if improved else ""))
-    return line + f" [{row['seconds']:.0f}s]"
 
 
 class _NoWriter:
