@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from extract.runtime import DEVICE_CHOICES
+
 BOX_MODES = ("fixed", "adaptive")
 BACKENDS = ("auto", "torchvision", "detectron2")
-DEVICES = "auto, cpu, cuda or cuda:N"  # what --device accepts (extract.runtime.resolve_device)
 
 
 class ExtractError(ValueError):
@@ -204,7 +205,7 @@ RUN_OPTIONS: dict[str, RunOption] = {option.name: option for option in (
               flag_values=("float16", "float32")),
     RunOption("backend", "backend", "auto: detectron2 when it is installed, else torchvision (same results).",
               str, BACKENDS),
-    RunOption("device", "device", f"{DEVICES}; auto takes a GPU when there is one, and under torchrun each "
+    RunOption("device", "device", f"{DEVICE_CHOICES}; auto takes a GPU when there is one, and under torchrun each "
               "rank takes cuda:LOCAL_RANK.", str),
     RunOption("half", "half", "float16 autocast on GPU (checked against float32 by the tests).", bool),
     RunOption("batch_size", "batch_size", "Images per forward pass; 0: 1 on CPU, 4 on GPU.", minimum=0),

@@ -14,12 +14,13 @@ from typing import Any
 
 import click
 
+from extract.config import RUN_OPTIONS, RunOption, default_options
 from pipelines.errors import UserError, user_errors
 
 WEIGHTS_ENV = "TSHSR_EXTRACT_WEIGHTS"
 
 
-def _click_type(option: Any) -> click.ParamType:
+def _click_type(option: RunOption) -> click.ParamType:
     if option.choices:
         return click.Choice(option.choices)
     if option.kind is int:
@@ -31,8 +32,6 @@ def _click_type(option: Any) -> click.ParamType:
 
 def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add every `RUN_OPTIONS` entry to `command` as a click option, in the table's order."""
-    from extract.config import RUN_OPTIONS, default_options
-
     defaults = default_options()
     for name, option in reversed(RUN_OPTIONS.items()):  # click lists options in reverse order of decoration
         flag = "--" + name.replace("_", "-")
@@ -123,7 +122,7 @@ def verify(features: Path, quiet: bool) -> None:
     checks only sizes and headers, which is fast.)
     """
     from extract.runtime import progress_bar
-    from extract.shards import FeatureStore, read_manifest, verify_features
+    from extract.shards import check_shard, read_manifest, verify_features
 
     shards = len(read_manifest(features).shards) if (features / "manifest.json").is_file() else 0
     with progress_bar(shards, "verifying", "shard", enabled=not quiet) as bar:
@@ -132,6 +131,9 @@ def verify(features: Path, quiet: bool) -> None:
         click.echo(problem)
     if problems:
         raise UserError(f"{features}: {len(problems)} problem(s) found")
-    store = FeatureStore(features)
-    click.echo(f"{features}: {len(store.manifest.shards)} shards, {len(store)} images, {store.max_boxes} boxes of "
-               f"{store.feature_dim} {store.dtype.name} features; every shard matches the manifest")
+    manifest = read_manifest(features)
+    layouts = [check_shard(features, entry) for entry in manifest.shards]
+    shape = (f"{max(layout.max_boxes for layout in layouts)} boxes of {layouts[0].feature_dim} "
+             f"{layouts[0].dtype.name} features; " if layouts else "")
+    click.echo(f"{features}: {len(manifest.shards)} shards, {manifest.num_images} images, {shape}every shard "
+               "matches the manifest")
