@@ -118,8 +118,10 @@ def test_recovery_after_a_kill_between_rename_and_manifest_update(tmp_path):
     (tmp_path / f"shard~{host}~999999999~1.h5.partial").write_bytes(b"dead writer")
     (tmp_path / f"shard~{host}~{os.getpid()}~1.h5.partial").write_bytes(b"live writer")
     (tmp_path / "shard~elsewhere~1~1.h5.partial").write_bytes(b"another machine")
+    (tmp_path / f".shard~{host}~999999999~2.h5.partial.x1y2.tmp").write_bytes(b"dead writer's temporary file")
+    (tmp_path / f".shard~{host}~{os.getpid()}~2.h5.partial.x1y2.tmp").write_bytes(b"live writer's")
     removed = {p.name for p in remove_stale_partials(tmp_path)}
-    assert removed == {f"shard~{host}~999999999~1.h5.partial"}
+    assert removed == {f"shard~{host}~999999999~1.h5.partial", f".shard~{host}~999999999~2.h5.partial.x1y2.tmp"}
     assert adopt_orphan_shards(tmp_path) == ["shard-00001.h5"]
     assert not (tmp_path / "shard-00002.h5").exists()
     assert FeatureStore(tmp_path).image_ids == ["a", "b"]
