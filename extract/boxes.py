@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from extract.detector import RoIOutputs
+from extract.roi_outputs import RoIOutputs
 
 
 @dataclass

@@ -4,7 +4,9 @@ Both backends take a padded batch of preprocessed images (BGR, mean
 subtracted, see `extract.images`) and return, per image, every RoI the RPN
 proposed with its class and attribute probabilities and its 2048-d pooled
 feature. Choosing the regions to keep is shared code (`extract.boxes`), so
-the backends differ only in how the network is built.
+the backends differ only in how the network is built. The output types live in
+`extract.roi_outputs`, below the backends, which therefore never import this
+factory (it imports them).
 
 - ``torchvision``: our modules around torchvision's ResNet-101 layers and
   ``roi_pool``/``nms``; installs everywhere; what CI tests.
@@ -14,34 +16,11 @@ the backends differ only in how the network is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
-from torch import Tensor
 
 from extract.config import DetectorConfig, ExtractError
+from extract.roi_outputs import RegionDetector
 from extract.weights import LoadedWeights
-
-
-@dataclass
-class RoIOutputs:
-    """The detector's output for one image, one row per RoI (R RoIs, C classes, A attributes)."""
-
-    boxes: Tensor  # (R, 4) x1 y1 x2 y2 in resized-image pixels
-    class_probs: Tensor  # (R, C + 1) softmax over classes, background last
-    attr_probs: Tensor  # (R, A + 1) softmax over attributes, "no attribute" last
-    features: Tensor  # (R, 2048) res5 output mean-pooled over the 14x14 RoI grid
-
-
-class RegionDetector(Protocol):
-    """What `extract.run` needs from a backend."""
-
-    name: str
-
-    def __call__(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[RoIOutputs]:
-        """images (N, 3, H, W) padded batch; image_sizes (h, w) of each unpadded image → N RoIOutputs."""
-        ...
 
 
 def detectron2_available() -> bool:

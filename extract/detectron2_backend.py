@@ -36,7 +36,7 @@ from detectron2.structures import ImageList
 from torch import Tensor, nn
 
 from extract.config import DetectorConfig
-from extract.detector import RoIOutputs
+from extract.roi_outputs import RoIOutputs
 from extract.weights import BLOCKS_PER_STAGE
 
 

@@ -43,7 +43,7 @@ class ImageListError(ExtractError):
 
 
 @dataclass(frozen=True)
-class ImageSource:
+class ImageFile:
     """One input image: its id (path under the input directory, POSIX) and its path."""
 
     image_id: str
@@ -54,7 +54,7 @@ def _image_id(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def find_images(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()) -> list[ImageSource]:
+def find_images(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()) -> list[ImageFile]:
     """Every image file under `root`, recursively, sorted by id; hidden files and `exclude` dirs skipped."""
     root = Path(root)
     if not root.is_dir():
@@ -66,11 +66,11 @@ def find_images(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = 
         subdirs[:] = [d for d in subdirs if not d.startswith(".") and (here / d).resolve() not in excluded]
         for name in files:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(ImageSource(_image_id(here / name, root), here / name))
+                found.append(ImageFile(_image_id(here / name, root), here / name))
     return sorted(found, key=lambda source: source.image_id)
 
 
-def read_image_list(list_file: str | os.PathLike, root: str | os.PathLike) -> list[ImageSource]:
+def read_image_list(list_file: str | os.PathLike, root: str | os.PathLike) -> list[ImageFile]:
     """Images named in a text file, one path a line (relative to `root` or absolute inside it).
 
     Blank lines and lines starting with ``#`` are skipped; duplicates count once.
@@ -82,7 +82,7 @@ def read_image_list(list_file: str | os.PathLike, root: str | os.PathLike) -> li
     except UnicodeDecodeError as error:
         raise ImageListError(f"{list_file}: not UTF-8 text ({error.reason})") from None
     resolved_root = root.resolve()
-    sources: dict[str, ImageSource] = {}
+    sources: dict[str, ImageFile] = {}
     for number, line in enumerate(lines, start=1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
@@ -99,7 +99,7 @@ def read_image_list(list_file: str | os.PathLike, root: str | os.PathLike) -> li
                 raise ImageListError(f"{list_file}:{number}: {entry} leaves {root}")
             path = root / path
         image_id = _image_id(path, root)
-        sources.setdefault(image_id, ImageSource(image_id, path))
+        sources.setdefault(image_id, ImageFile(image_id, path))
     return sorted(sources.values(), key=lambda source: source.image_id)
 
 

@@ -15,7 +15,6 @@ reruns) and commits its own shards to the same directory.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -27,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
@@ -35,8 +33,8 @@ from extract.config import ExtractConfig, ExtractError
 from extract.images import (
     MIN_INPUT_SIDE,
     ImageError,
+    ImageFile,
     ImageListError,
-    ImageSource,
     boxes_to_original,
     decode_image,
     find_images,
@@ -44,7 +42,9 @@ from extract.images import (
     prepare_image,
     read_image_list,
 )
+from extract.runtime import Launch, StopSignals, progress_bar, resolve_device, signals_deferred
 from extract.shards import (
+    FeatureStore,
     RegionRecord,
     ShardWriter,
     adopt_orphan_shards,
@@ -57,24 +57,6 @@ WORKER_TIMEOUT = 600  # seconds; decoding one image never takes this long
 MODEL_NAME = "bottom-up-attention Faster R-CNN ResNet-101 C4, Visual Genome 1600 objects / 400 attributes"
 
 
-class Interrupted(Exception):
-    """SIGTERM, raised on the main thread so the run stops as on Ctrl-C: buffered images are committed."""
-
-
-@dataclass
-class RankInfo:
-    """Which slice of the images this process takes (torchrun's RANK/WORLD_SIZE/LOCAL_RANK)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> RankInfo:
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                   int(os.environ.get("LOCAL_RANK", "0")))
-
-
 @dataclass
 class ExtractSummary:
     """What a run did (this rank's share)."""
@@ -84,16 +66,20 @@ class ExtractSummary:
     skipped: int = 0  # already in complete shards, or listed as failed by an earlier run
     failed: list[dict[str, str]] = field(default_factory=list)  # failed in this run: {"path", "reason"}
     shards: list[str] = field(default_factory=list)  # shard files this run wrote
-    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM; a rerun continues
+    signum: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM); a rerun continues
     seconds: float = 0.0
     backend: str = ""
-    rank: RankInfo = field(default_factory=RankInfo)
+    launch: Launch = field(default_factory=Launch)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.signum is not None
 
 
 # --------------------------------------------------------------------------- inputs and resume state
 
 
-def list_sources(images_dir: Path, image_list: Path | None, out_dir: Path) -> list[ImageSource]:
+def list_sources(images_dir: Path, image_list: Path | None, out_dir: Path) -> list[ImageFile]:
     """The run's images, sorted by id; ImageListError when there are none."""
     sources = read_image_list(image_list, images_dir) if image_list else find_images(images_dir, exclude=[out_dir])
     if not sources:
@@ -104,14 +90,11 @@ def list_sources(images_dir: Path, image_list: Path | None, out_dir: Path) -> li
 
 
 def finished_ids(out_dir: Path) -> tuple[set[str], set[str]]:
-    """(ids in complete shards, ids the manifest lists as failed)."""
+    """(ids in complete shards, ids the manifest lists as failed); a damaged shard is a ShardFormatError."""
     if not (out_dir / "manifest.json").exists():
         return set(), set()
     manifest = read_manifest(out_dir)
-    done: set[str] = set()
-    for entry in manifest.shards:
-        with h5py.File(out_dir / entry.name, "r") as handle:
-            done.update(handle["image_ids"].asstr()[:])
+    done = set(FeatureStore(out_dir).image_ids) if manifest.shards else set()
     return done, {item["path"] for item in manifest.failed}
 
 
@@ -153,10 +136,10 @@ def check_resumable(out_dir: Path, settings: dict[str, Any]) -> None:
 class PreparedImages(torch.utils.data.Dataset):
     """Decodes and preprocesses one image per item; a failure is returned as its reason, never raised."""
 
-    def __init__(self, sources: list[ImageSource], config: ExtractConfig) -> None:
+    def __init__(self, sources: list[ImageFile], config: ExtractConfig) -> None:
         self.sources = sources
         self.detector = config.detector
-        self.max_pixels = config.max_pixels
+        self.max_pixels = int(config.max_megapixels * 1_000_000)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -225,19 +208,24 @@ def pad_batch(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class ShardWriterThread(threading.Thread):
-    """Commits records to shards off the main thread: every `shard_size` images or `commit_seconds`."""
+    """Commits records to shards off the main thread: every `shard_size` images or `commit_minutes`.
 
-    def __init__(self, writer: ShardWriter, settings: dict[str, Any], shard_size: int, commit_seconds: float
+    A failure of the writer (a full disk: `StorageError`) ends the thread; the main thread
+    gets that same exception, once, from its next `put` or from `finish`.
+    """
+
+    def __init__(self, writer: ShardWriter, settings: dict[str, Any], shard_size: int, commit_minutes: float
                  ) -> None:
         super().__init__(name="shard-writer", daemon=True)
         self.writer = writer
         self.settings = settings
         self.shard_size = shard_size
-        self.commit_seconds = commit_seconds
+        self.commit_seconds = commit_minutes * 60
         self.inbox: queue.Queue[RegionRecord | dict[str, str] | None] = queue.Queue(maxsize=4 * shard_size)
         self.failed: list[dict[str, str]] = []
         self.shards: list[str] = []
         self.error: BaseException | None = None
+        self._error_raised = False
         self._last_commit = time.monotonic()
 
     def _commit(self) -> None:
@@ -268,10 +256,16 @@ class ShardWriterThread(threading.Thread):
         except BaseException as error:  # noqa: BLE001 - handed to the main thread, which raises it
             self.error = error
 
+    def _raise_error(self) -> None:
+        if self.error is not None and not self._error_raised:
+            self._error_raised = True
+            raise self.error  # the writer's own exception: a StorageError stays one line, a bug keeps its trace
+
     def put(self, item: RegionRecord | dict[str, str]) -> None:
         while True:
+            self._raise_error()
             if self.error is not None:
-                raise RuntimeError(f"writing shards failed: {self.error}") from self.error
+                return  # reported already; the run is ending
             try:
                 self.inbox.put(item, timeout=1.0)
                 return
@@ -279,51 +273,17 @@ class ShardWriterThread(threading.Thread):
                 continue
 
     def finish(self) -> None:
-        """Commit what is buffered and stop; re-raises a writing error."""
+        """Commit what is buffered and stop; raises the writer's error if it was not raised yet."""
         if self.is_alive():
             self.inbox.put(None)
             self.join()
-        if self.error is not None:
-            raise RuntimeError(f"writing shards failed: {self.error}") from self.error
+        self._raise_error()
 
 
 # --------------------------------------------------------------------------- the run
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def resolve_device(config: ExtractConfig, rank: RankInfo) -> torch.device:
-    """The torch device of this rank; ExtractError for an unusable request."""
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
-                              else config.device)
-    except RuntimeError:
-        raise ExtractError(f"--device {config.device!r}: not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ExtractError(f"--device {config.device}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", rank.local_rank % torch.cuda.device_count())
-    elif config.half:
-        raise ExtractError("--half needs a GPU (--device cuda); on CPU the detector runs in float32")
-    return device
-
-
-def _record(source: ImageSource, item: dict[str, Any], regions: Any, dtype: np.dtype) -> RegionRecord:
+def _record(source: ImageFile, item: dict[str, Any], regions: Any, dtype: np.dtype) -> RegionRecord:
     boxes = boxes_to_original(regions.boxes.float().cpu().numpy(), item["scale"], item["original_size"])
     return RegionRecord(
         image_id=source.image_id, features=regions.features.to(torch.float32).cpu().numpy().astype(dtype),
@@ -336,32 +296,36 @@ def _record(source: ImageSource, item: dict[str, Any], regions: Any, dtype: np.d
 
 def extract_features(images_dir: str | os.PathLike, out_dir: str | os.PathLike, weights_path: str | os.PathLike,
                      config: ExtractConfig | None = None, *, image_list: str | os.PathLike | None = None,
-                     rank: RankInfo | None = None, progress: bool = True,
+                     launch: Launch | None = None, progress: bool = True,
                      on_image: Callable[[str], None] | None = None) -> ExtractSummary:
     """Extract region features of every image under `images_dir` (or in `image_list`) into `out_dir`.
 
     Resumable: images already in complete shards are skipped (and images a
-    previous run failed on, unless ``config.retry_failed``). The weights are
-    loaded and checked before anything else happens.
+    previous run failed on, unless ``config.retry_failed``). The device, the
+    backend and the weights are checked before anything is written. SIGINT or SIGTERM stops the
+    run after committing what is buffered (`ExtractSummary.signum` says which);
+    a full disk raises `StorageError` with the earlier shards and manifest intact.
     """
     from extract.boxes import select_regions
     from extract.detector import build_detector, resolve_backend
 
     started = time.monotonic()
     config = config or ExtractConfig()
-    rank = rank or RankInfo.from_env()
+    launch = launch or Launch.from_env()
     images_dir, out_dir = Path(images_dir), Path(out_dir)
-    weights = load_weights(weights_path, config.detector)
-    device = resolve_device(config, rank)
+    device = resolve_device(config.device, launch)  # the quick refusals first: loading the weights takes seconds
+    if config.half and device.type != "cuda":
+        raise ExtractError("--half needs a GPU (--device cuda); on CPU the detector runs in float32")
     backend = resolve_backend(config.backend)
+    weights = load_weights(weights_path, config.detector)
     if not images_dir.is_dir():
         raise ImageListError(f"{images_dir}: no such directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExtractError(f"{out_dir}: exists and is not a directory")
     sources = list_sources(images_dir, Path(image_list) if image_list else None, out_dir)
-    mine = sources[rank.rank::rank.world_size]
+    mine = sources[launch.rank::launch.world_size]
     settings = run_settings(config, weights)
-    summary = ExtractSummary(total=len(mine), backend=backend, rank=rank)
+    summary = ExtractSummary(total=len(mine), backend=backend, launch=launch)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
@@ -385,14 +349,15 @@ def extract_features(images_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     writer = ShardWriterThread(
         ShardWriter(out_dir, max_boxes=config.boxes_per_image, feature_dim=2048, dtype=config.feature_dtype,
                     extractor=extractor),
-        settings, config.shard_size, config.commit_seconds)
+        settings, config.shard_size, config.commit_minutes)
     writer.start()
-    bar = _progress_bar(len(pending), progress and rank.rank == 0, rank)
+    label = "extracting" if not launch.distributed else f"extracting (rank {launch.rank}/{launch.world_size})"
+    bar = progress_bar(len(pending), label, "img", enabled=progress and launch.is_main)
     selection = {"mode": config.box_mode, "num_boxes": config.num_boxes, "min_boxes": config.min_boxes,
                  "max_boxes": config.max_boxes, "conf_threshold": config.conf_threshold,
                  "nms_threshold": config.nms_threshold}
 
-    def fail(source: ImageSource, reason: str) -> None:
+    def fail(source: ImageFile, reason: str) -> None:
         entry = {"path": source.image_id, "reason": reason}
         summary.failed.append(entry)
         writer.put(entry)
@@ -401,7 +366,7 @@ def extract_features(images_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         if on_image:
             on_image(source.image_id)
 
-    def detect(batch: list[dict[str, Any]]) -> None:
+    def detect(batch: list[dict[str, Any]]) -> list[RegionRecord]:
         images = pad_batch([item["tensor"] for item in batch]).to(device, non_blocking=True)
         sizes = [(int(item["tensor"].shape[1]), int(item["tensor"].shape[2])) for item in batch]
         autocast = torch.autocast(device_type="cuda", dtype=torch.float16, enabled=config.half)
@@ -409,8 +374,10 @@ def extract_features(images_dir: str | os.PathLike, out_dir: str | os.PathLike, 
             outputs = detector(images, sizes)
             regions = [select_regions(output, **selection) for output in outputs]
             # Every record is built before any is queued, so a batch retried image by image is never written twice.
-            records = [_record(pending[item["index"]], item, found, dtype)
-                       for item, found in zip(batch, regions, strict=True)]
+            return [_record(pending[item["index"]], item, found, dtype)
+                    for item, found in zip(batch, regions, strict=True)]
+
+    def emit(records: list[RegionRecord]) -> None:
         for record in records:
             writer.put(record)
             summary.done += 1
@@ -418,49 +385,39 @@ def extract_features(images_dir: str | os.PathLike, out_dir: str | os.PathLike, 
             if on_image:
                 on_image(record.image_id)
 
+    def detector_failure(error: RuntimeError) -> str:
+        return f"detector failed ({str(error).splitlines()[0][:200]})"
+
+    stop = StopSignals(raise_now=True)
     try:
-        with _sigterm_as_interrupt():
+        with stop:
             for batch in _batches(stream, batch_size, lambda item: fail(pending[item["index"]], item["error"])):
                 try:
-                    detect(batch)
+                    records = detect(batch)
                 except RuntimeError as error:  # e.g. out of GPU memory: one image at a time, then give up on it
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     if len(batch) == 1:
-                        fail(pending[batch[0]["index"]], f"detector failed ({str(error).splitlines()[0][:200]})")
+                        fail(pending[batch[0]["index"]], detector_failure(error))
                         continue
                     for item in batch:
                         try:
-                            detect([item])
-                        except RuntimeError as single:
-                            fail(pending[item["index"]], f"detector failed ({str(single).splitlines()[0][:200]})")
-    except (KeyboardInterrupt, Interrupted):
-        summary.interrupted = True
+                            single = detect([item])
+                        except RuntimeError as item_error:
+                            fail(pending[item["index"]], detector_failure(item_error))
+                            continue
+                        emit(single)
+                    continue
+                emit(records)
+    except KeyboardInterrupt:  # `Stopped` from StopSignals (SIGINT or SIGTERM), or a Ctrl-C just outside it
+        summary.signum = stop.signum or signal.SIGINT
     finally:
         bar.close()
         del stream  # stops the decoding workers
-        with _ignore_signals():  # the commit of what is buffered must not itself be interrupted
+        with signals_deferred() as received:  # the commit of what is buffered must not itself be cut
             writer.finish()
+        if received and summary.signum is None:
+            summary.signum = received[0]
     summary.shards = writer.shards
     summary.seconds = time.monotonic() - started
     return summary
-
-
-@contextlib.contextmanager
-def _ignore_signals() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _progress_bar(total: int, enabled: bool, rank: RankInfo) -> Any:
-    from tqdm import tqdm
-
-    label = "extracting" if rank.world_size == 1 else f"extracting (rank {rank.rank}/{rank.world_size})"
-    return tqdm(total=total, desc=label, unit="img", dynamic_ncols=True, disable=not enabled, smoothing=0.1)

@@ -17,10 +17,20 @@ image_size      (N, 2) int32    (height, width) of the original image
 object_ids ...  (N, K)          optional detector outputs
 ==============  ==============  ===========================================
 
-A shard is written as ``*.h5.partial`` and renamed only once complete, then
-recorded in the manifest under a file lock, so several processes (torchrun
-ranks) can add shards to one directory and a killed run never leaves a
+A shard is built in memory, written as ``*.h5.partial`` and renamed only once
+complete, then recorded in the manifest under a file lock, so several processes
+(torchrun ranks) can add shards to one directory and a killed run never leaves a
 half-written shard where a reader would look.
+
+HDF5 never writes to the disk itself: the library cannot recover from a failed
+write (a full disk leaves the file open inside HDF5 with a cache it cannot flush,
+and the interpreter then dies in a segmentation fault at exit). The shard is built
+in a memory buffer and its bytes are written by `extract.safeio`, whose failures
+are one-line `StorageError`s.
+
+Opening a `FeatureStore` checks every shard cheaply (present, the size the manifest
+recorded, a readable header, the layout); `verify_features` checks everything
+(checksums, shapes, dtypes, ids, box counts, the failed list).
 """
 
 from __future__ import annotations
@@ -28,10 +38,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import hashlib
+import io
 import json
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +51,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from extract.safeio import pid_alive, sha256_file, write_json
+from extract.safeio import atomic_write, pid_alive, sha256_file, storage_failure, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX_CACHE = "index.json"
 LOCK_FILE = ".manifest.lock"
 SHARD_PATTERN = "shard-{:05d}.h5"
+FEATURE_DTYPES = ("float16", "float32")
 OPTIONAL_DATASETS = {
     "object_ids": np.int16,
     "object_scores": np.float32,
@@ -70,6 +83,13 @@ class ShardEntry:
     name: str  # file name inside the feature directory
     num_images: int
     sha256: str
+    num_bytes: int | None = None  # file size; None in manifests written before sizes were recorded
+
+    def to_dict(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": self.name, "num_images": self.num_images, "sha256": self.sha256}
+        if self.num_bytes is not None:
+            entry["num_bytes"] = self.num_bytes
+        return entry
 
 
 @dataclass
@@ -94,7 +114,7 @@ class Manifest:
             "updated": self.updated,
             "num_images": self.num_images,
             "settings": self.settings,
-            "shards": [vars(entry) for entry in self.shards],
+            "shards": [entry.to_dict() for entry in self.shards],
             "failed": self.failed,
         }
 
@@ -110,7 +130,8 @@ class Manifest:
             return cls(
                 format_version=version,
                 settings=dict(payload.get("settings", {})),
-                shards=[ShardEntry(str(s["name"]), int(s["num_images"]), str(s["sha256"]))
+                shards=[ShardEntry(str(s["name"]), int(s["num_images"]), str(s["sha256"]),
+                                   None if s.get("num_bytes") is None else int(s["num_bytes"]))
                         for s in payload.get("shards", [])],
                 failed=list(payload.get("failed", [])),
                 created=str(payload.get("created", _now())),
@@ -146,9 +167,16 @@ def locked_manifest(directory: str | os.PathLike) -> Iterator[Manifest]:
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a+") as lock:
+    try:
+        lock = open(root / LOCK_FILE, "a+")  # noqa: SIM115 - closed below, after the unlock
+    except OSError as error:
+        raise storage_failure(error, root / LOCK_FILE) or error from None
+    with lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
+            # Only a holder of this lock writes the manifest: a temporary file of it now is a killed writer's.
+            for stale in root.glob(f".{MANIFEST}.*.tmp"):
+                stale.unlink(missing_ok=True)
             manifest = read_manifest(root) if (root / MANIFEST).exists() else Manifest()
             yield manifest
             manifest.updated = _now()
@@ -160,17 +188,28 @@ def locked_manifest(directory: str | os.PathLike) -> Iterator[Manifest]:
 # --------------------------------------------------------------------------- writing
 
 
+def _partial_writer(path: Path) -> tuple[str, str] | None:
+    """(host, pid) of a shard's partial file or of its temporary file, from its name; None for other files."""
+    name = path.name.lstrip(".")
+    if ".h5.partial" not in name:
+        return None
+    parts = name[: name.index(".h5.partial")].split("~")  # shard~HOST~PID~SEQ
+    return (parts[1], parts[2]) if len(parts) == 4 else ("", "")
+
+
 def remove_stale_partials(directory: str | os.PathLike) -> list[Path]:
-    """Delete ``*.h5.partial`` files left by dead processes of this host; returns them.
+    """Delete the partial shards (and their temporary files) left by dead processes of this host; returns them.
 
     Partial files carry their writer's host and pid in the name, so a live
     writer's file (another rank) is never touched.
     """
     removed = []
     host = socket.gethostname()
-    for path in Path(directory).glob("*.h5.partial"):
-        parts = path.name[: -len(".h5.partial")].split("~")  # shard~HOST~PID~SEQ
-        if len(parts) == 4 and (parts[1] != host or (parts[2].isdigit() and pid_alive(int(parts[2])))):
+    for path in sorted(Path(directory).glob("*.h5.partial*")):
+        writer = _partial_writer(path)
+        if writer is None:
+            continue
+        if writer != ("", "") and (writer[0] != host or (writer[1].isdigit() and pid_alive(int(writer[1])))):
             continue  # another machine's, or a live writer's
         path.unlink(missing_ok=True)
         removed.append(path)
@@ -193,12 +232,11 @@ def adopt_orphan_shards(directory: str | os.PathLike) -> list[str]:
                 continue
             try:
                 with h5py.File(path, "r") as handle:
-                    count = int(handle["image_ids"].shape[0])
-                    _check_shard_layout(handle, path)
+                    count = _check_shard_layout(handle, path).num_images
             except (OSError, KeyError, ShardFormatError):
                 path.unlink(missing_ok=True)
                 continue
-            manifest.shards.append(ShardEntry(path.name, count, sha256_file(path)))
+            manifest.shards.append(ShardEntry(path.name, count, sha256_file(path), path.stat().st_size))
             adopted.append(path.name)
     return adopted
 
@@ -257,9 +295,13 @@ class ShardWriter:
             raise ValueError(f"{record.image_id}: {k} boxes, the shard holds at most {self.max_boxes}")
         self.records.append(record)
 
-    def _write(self, path: Path) -> None:
+    def _image(self) -> io.BytesIO:
+        """The shard as HDF5 bytes in memory, built from the buffered records.
+
+        HDF5 writes into a memory buffer only, where a write cannot fail; the bytes reach
+        the disk through `extract.safeio` (see the module docstring for why).
+        """
         n, k, dim = len(self.records), self.max_boxes, self.feature_dim
-        features = np.zeros((n, k, dim), self.dtype)
         boxes = np.zeros((n, k, 4), np.float32)
         num_boxes = np.zeros((n,), np.int16)
         sizes = np.zeros((n, 2), np.int32)
@@ -267,16 +309,23 @@ class ShardWriter:
                     if all(getattr(r, name) is not None for r in self.records)}
         for row, record in enumerate(self.records):
             count = len(record.boxes)
-            features[row, :count] = record.features
             boxes[row, :count] = record.boxes
             num_boxes[row] = count
             sizes[row] = record.image_size
             for name, array in optional.items():
                 array[row, :count] = getattr(record, name)
-        with h5py.File(path, "w") as handle:
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as handle:
             handle.create_dataset("image_ids", data=[r.image_id for r in self.records],
                                   dtype=h5py.string_dtype("utf-8"))
-            handle.create_dataset("features", data=features, chunks=(1, k, dim))
+            # Row by row (one chunk each), so the features are never held twice besides the records.
+            features = handle.create_dataset("features", (n, k, dim), self.dtype, chunks=(1, k, dim))
+            padded = np.zeros((k, dim), self.dtype)
+            for row, record in enumerate(self.records):
+                count = len(record.boxes)
+                padded[:count] = record.features
+                padded[count:] = 0
+                features[row] = padded
             handle.create_dataset("boxes", data=boxes)
             handle.create_dataset("num_boxes", data=num_boxes)
             handle.create_dataset("image_size", data=sizes)
@@ -285,9 +334,14 @@ class ShardWriter:
             handle.attrs["format_version"] = FORMAT_VERSION
             handle.attrs["extractor"] = json.dumps(self.extractor, sort_keys=True)
             handle.attrs["created"] = _now()
-            handle.flush()
-        with open(path, "rb+") as raw:
-            os.fsync(raw.fileno())
+        return buffer
+
+    def _write(self, path: Path) -> tuple[str, int]:
+        """Write the buffered records as a shard file at `path` (atomically); returns (sha256, bytes)."""
+        image = self._image().getbuffer()
+        with atomic_write(path) as handle:
+            handle.write(image)
+        return hashlib.sha256(image).hexdigest(), len(image)
 
     def commit(self, failed: Sequence[dict[str, str]] = (), settings: dict[str, Any] | None = None) -> str | None:
         """Write the buffered records as a complete shard; returns its name (None if empty).
@@ -295,58 +349,214 @@ class ShardWriter:
         ``failed`` images (``{"path", "reason"}``) are recorded in the manifest in
         the same locked update, so the manifest never says less than the shards;
         images written by this commit leave the failed list (a successful retry).
+        A full disk raises `StorageError` and leaves no partial file, the manifest and the
+        earlier shards as they were, and the records buffered (unless the shard was complete
+        and only the manifest could not be saved: the next run adopts it).
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         name = None
+        renamed = False
         if self.records:
             ShardWriter._sequence += 1
             partial = self.directory / (
                 f"shard~{socket.gethostname()}~{os.getpid()}~{ShardWriter._sequence}.h5.partial")
             try:
-                self._write(partial)
-                digest = sha256_file(partial)
+                digest, size = self._write(partial)
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
-        with locked_manifest(self.directory) as manifest:
-            if settings and not manifest.settings:
-                manifest.settings = dict(settings)
-            if self.records:
-                taken = {entry.name for entry in manifest.shards}
-                taken |= {p.name for p in self.directory.glob("shard-*.h5")}
-                index = 0
-                while SHARD_PATTERN.format(index) in taken:
-                    index += 1
-                name = SHARD_PATTERN.format(index)
-                os.replace(partial, self.directory / name)
-                manifest.shards.append(ShardEntry(name, len(self.records), digest))
-            # An image written now is no longer failed (a retried one that succeeded this time).
-            written = {record.image_id for record in self.records}
-            manifest.failed = [item for item in manifest.failed if item["path"] not in written]
-            known = {item["path"] for item in manifest.failed}
-            manifest.failed.extend(item for item in failed if item["path"] not in known)
+        try:
+            with locked_manifest(self.directory) as manifest:
+                if settings and not manifest.settings:
+                    manifest.settings = dict(settings)
+                if self.records:
+                    taken = {entry.name for entry in manifest.shards}
+                    taken |= {p.name for p in self.directory.glob("shard-*.h5")}
+                    index = 0
+                    while SHARD_PATTERN.format(index) in taken:
+                        index += 1
+                    name = SHARD_PATTERN.format(index)
+                    os.replace(partial, self.directory / name)
+                    renamed = True
+                    manifest.shards.append(ShardEntry(name, len(self.records), digest, size))
+                # An image written now is no longer failed (a retried one that succeeded this time).
+                written = {record.image_id for record in self.records}
+                manifest.failed = [item for item in manifest.failed if item["path"] not in written]
+                known = {item["path"] for item in manifest.failed}
+                manifest.failed.extend(item for item in failed if item["path"] not in known)
+        except BaseException:
+            if renamed:  # complete but not in the manifest: the next run adopts it (adopt_orphan_shards)
+                self.records = []
+            elif self.records:
+                partial.unlink(missing_ok=True)
+            raise
         self.records = []
         return name
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- checking
 
 
-def _check_shard_layout(handle: h5py.File, path: Path) -> None:
+def _verify_hint(directory: str | os.PathLike) -> str:
+    return f"run `tshsr-pipe verify {directory}` to check every shard"
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What a shard's header says: N images of at most K boxes of D-dimensional features."""
+
+    num_images: int  # N
+    max_boxes: int  # K
+    feature_dim: int  # D
+    dtype: np.dtype  # of the features: float16 or float32
+
+
+def _check_shard_layout(handle: h5py.File, path: Path) -> ShardLayout:
+    """The shard's layout, read from its header; ShardFormatError naming the first way it breaks DESIGN §3."""
+    version = handle.attrs.get("format_version", 0)
+    if not isinstance(version, (int, np.integer)) or not 1 <= int(version) <= FORMAT_VERSION:
+        raise ShardFormatError(f"{path}: format_version {version}, this tshsr-pipe reads 1..{FORMAT_VERSION}")
     for name in ("image_ids", "features", "boxes", "num_boxes", "image_size"):
-        if name not in handle:
+        if not isinstance(handle.get(name), h5py.Dataset):
             raise ShardFormatError(f"{path}: dataset {name!r} missing")
-    n = handle["image_ids"].shape[0]
+    ids = handle["image_ids"]
+    if ids.ndim != 1 or h5py.check_string_dtype(ids.dtype) is None:
+        raise ShardFormatError(f"{path}: image_ids are {ids.dtype} of shape {ids.shape}, expected (N,) strings")
+    n = ids.shape[0]
     features = handle["features"]
     if features.ndim != 3 or features.shape[0] != n:
         raise ShardFormatError(f"{path}: features have shape {features.shape}, expected ({n}, K, D)")
-    if handle["boxes"].shape != (n, features.shape[1], 4):
-        raise ShardFormatError(f"{path}: boxes have shape {handle['boxes'].shape}")
-    if handle["num_boxes"].shape != (n,) or handle["image_size"].shape != (n, 2):
-        raise ShardFormatError(f"{path}: num_boxes or image_size has the wrong shape")
-    version = int(handle.attrs.get("format_version", 0))
-    if version < 1 or version > FORMAT_VERSION:
-        raise ShardFormatError(f"{path}: format_version {version}, this tshsr-pipe reads 1..{FORMAT_VERSION}")
+    if features.dtype.name not in FEATURE_DTYPES:
+        raise ShardFormatError(f"{path}: features are {features.dtype}, expected {' or '.join(FEATURE_DTYPES)}")
+    k = features.shape[1]
+    expected = {"boxes": ((n, k, 4), np.float32), "num_boxes": ((n,), np.int16), "image_size": ((n, 2), np.int32),
+                **{name: ((n, k), dtype) for name, dtype in OPTIONAL_DATASETS.items() if name in handle}}
+    for name, (shape, dtype) in expected.items():
+        dataset = handle[name]
+        if not isinstance(dataset, h5py.Dataset) or dataset.shape != shape or dataset.dtype != np.dtype(dtype):
+            found = f"{dataset.dtype} {dataset.shape}" if isinstance(dataset, h5py.Dataset) else "a group"
+            raise ShardFormatError(f"{path}: {name} is {found}, expected {np.dtype(dtype)} {shape}")
+    return ShardLayout(n, k, features.shape[2], features.dtype)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def check_shard(directory: Path, entry: ShardEntry) -> ShardLayout:
+    """The cheap checks of one listed shard: present, of the recorded size, a readable header, the right layout.
+
+    Reads the file's metadata only (milliseconds a shard); `verify_features` reads everything.
+    """
+    path = directory / entry.name
+    if not path.is_file():
+        raise ShardFormatError(f"{path}: shard listed in the manifest is missing; {_verify_hint(directory)}")
+    size = path.stat().st_size
+    if entry.num_bytes is not None and size != entry.num_bytes:
+        raise ShardFormatError(f"{path}: {size} bytes, the manifest recorded {entry.num_bytes} (truncated or "
+                               f"replaced); {_verify_hint(directory)}")
+    try:
+        with h5py.File(path, "r") as handle:
+            layout = _check_shard_layout(handle, path)
+    except ShardFormatError as error:
+        raise ShardFormatError(f"{error}; {_verify_hint(directory)}") from None
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise ShardFormatError(f"{path}: not a readable HDF5 shard ({_first_line(error)}); "
+                               f"{_verify_hint(directory)}") from None
+    if layout.num_images != entry.num_images:
+        raise ShardFormatError(f"{path}: holds {layout.num_images} images, the manifest says {entry.num_images}; "
+                               f"{_verify_hint(directory)}")
+    return layout
+
+
+def verify_features(directory: str | os.PathLike, on_shard: Callable[[str], None] | None = None) -> list[str]:
+    """Check a feature directory against its manifest, reading every byte; one line per problem, [] when clean.
+
+    Checked: every listed shard exists with the recorded size and sha256; its datasets have
+    the shapes and dtypes of DESIGN §3 and as many images as the manifest says; image ids
+    are non-empty and unique across shards; num_boxes lies within 0..K; all shards share
+    D and the feature dtype; the failed list holds {path, reason} entries, none of them
+    also stored; no shard file is missing from the manifest. `on_shard(name)` is called
+    after each shard (progress).
+    """
+    root = Path(directory)
+    try:
+        manifest = read_manifest(root)
+    except ShardFormatError as error:
+        return [str(error)]
+    problems: list[str] = []
+    owner: dict[str, str] = {}  # image id → the shard that holds it
+    kinds: dict[tuple[int, str], str] = {}  # (D, dtype) → the first shard that has it
+    for entry in manifest.shards:
+        problems.extend(_verify_shard(root, entry, owner, kinds))
+        if on_shard:
+            on_shard(entry.name)
+    if len(kinds) > 1:
+        problems.append(f"{root}: the shards differ in feature size or dtype: "
+                        + ", ".join(f"{shard} has {dim} {dtype}" for (dim, dtype), shard in kinds.items()))
+    listed = {entry.name for entry in manifest.shards}
+    if len(listed) != len(manifest.shards):
+        problems.append(f"{root / MANIFEST}: a shard is listed twice")
+    for path in sorted(root.glob("shard-*.h5")):
+        if path.name not in listed:
+            problems.append(f"{path}: not in the manifest (a run stopped between writing it and recording it; "
+                            "the next `tshsr-pipe extract` into this directory adopts it)")
+    seen_failed: set[str] = set()
+    for number, item in enumerate(manifest.failed):
+        if not (isinstance(item, dict) and isinstance(item.get("path"), str) and isinstance(item.get("reason"), str)):
+            problems.append(f"{root / MANIFEST}: failed entry {number} is not {{path, reason}}: {str(item)[:80]}")
+            continue
+        if item["path"] in seen_failed:
+            problems.append(f"{root / MANIFEST}: {item['path']!r} is listed as failed twice")
+        seen_failed.add(item["path"])
+        if item["path"] in owner:
+            problems.append(f"{root / MANIFEST}: {item['path']!r} is listed as failed but stored in "
+                            f"{owner[item['path']]}")
+    return problems
+
+
+def _verify_shard(root: Path, entry: ShardEntry, owner: dict[str, str], kinds: dict[tuple[int, str], str]
+                  ) -> list[str]:
+    path = root / entry.name
+    if not path.is_file():
+        return [f"{path}: shard listed in the manifest is missing"]
+    problems = []
+    size = path.stat().st_size
+    if entry.num_bytes is not None and size != entry.num_bytes:
+        problems.append(f"{path}: {size} bytes, the manifest recorded {entry.num_bytes}")
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        problems.append(f"{path}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…")
+    try:
+        with h5py.File(path, "r") as handle:
+            layout = _check_shard_layout(handle, path)
+            ids = handle["image_ids"].asstr()[:]
+            num_boxes = handle["num_boxes"][:]
+    except ShardFormatError as error:
+        return [*problems, str(error)]
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        return [*problems, f"{path}: not a readable HDF5 shard ({_first_line(error)})"]
+    kinds.setdefault((layout.feature_dim, layout.dtype.name), entry.name)
+    if layout.num_images != entry.num_images:
+        problems.append(f"{path}: holds {layout.num_images} images, the manifest says {entry.num_images}")
+    if any(not image_id for image_id in ids):
+        problems.append(f"{path}: an image id is empty (row {[bool(i) for i in ids].index(False)})")
+    for image_id in ids:
+        if image_id in owner:
+            where = "twice in this shard" if owner[image_id] == entry.name else f"also in {owner[image_id]}"
+            problems.append(f"{path}: image {image_id!r} {where}")
+            break  # one line a shard: a shard stored twice would otherwise list every id
+        owner[image_id] = entry.name
+    for image_id in ids:  # the remaining ids still count as seen
+        owner.setdefault(image_id, entry.name)
+    outside = np.flatnonzero((num_boxes < 0) | (num_boxes > layout.max_boxes))
+    if len(outside):
+        problems.append(f"{path}: {len(outside)} images have num_boxes outside 0..{layout.max_boxes} "
+                        f"(first {ids[outside[0]]!r}: {int(num_boxes[outside[0]])})")
+    return problems
+
+
+# --------------------------------------------------------------------------- reading
 
 
 @dataclass
@@ -363,10 +573,12 @@ class RegionBatch:
 class FeatureStore:
     """Random access by image id to every image of a feature directory.
 
-    The id → (shard, row) index is built once and cached in ``index.json``
-    beside the manifest, keyed by the shards' checksums. HDF5 files are opened
-    lazily and reopened after a fork, so a store can be handed to DataLoader
-    workers.
+    Opening checks every shard cheaply (`check_shard`): a missing, truncated or replaced
+    shard is a ShardFormatError naming it, before any work starts. The id → (shard, row)
+    index is built once and cached in ``index.json`` beside the manifest, keyed by the
+    shards' checksums. HDF5 files are opened lazily and reopened after a fork, so a store
+    can be handed to DataLoader workers; a read that fails later (a shard damaged during
+    the run) is a ShardFormatError naming the shard too.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -374,16 +586,17 @@ class FeatureStore:
         self.manifest = read_manifest(self.directory)
         if not self.manifest.shards:
             raise ShardFormatError(f"{self.directory}: the manifest lists no shards (no images extracted)")
-        for entry in self.manifest.shards:
-            if not (self.directory / entry.name).exists():
-                raise ShardFormatError(f"{self.directory / entry.name}: shard listed in the manifest is missing")
-        self._index = self._load_index()
+        layouts = [check_shard(self.directory, entry) for entry in self.manifest.shards]
+        kinds = {(layout.feature_dim, layout.dtype) for layout in layouts}
+        if len(kinds) > 1:
+            raise ShardFormatError(f"{self.directory}: the shards differ in feature size or dtype "
+                                   f"({sorted((d, t.name) for d, t in kinds)})")
+        self.max_boxes = max(layout.max_boxes for layout in layouts)
+        self.feature_dim = layouts[0].feature_dim
+        self.dtype = np.dtype(layouts[0].dtype)  # float16 or float32, as written
         self._handles: dict[str, h5py.File] = {}
         self._pid = os.getpid()
-        first = self._handle(self.manifest.shards[0].name)
-        self.max_boxes = int(first["features"].shape[1])
-        self.feature_dim = int(first["features"].shape[2])
-        self.dtype = np.dtype(first["features"].dtype)  # float16 or float32, as written
+        self._index = self._load_index()
 
     @staticmethod
     def has_images(directory: str | os.PathLike) -> bool:
@@ -406,21 +619,30 @@ class FeatureStore:
                 pass  # rebuild below
         index: dict[str, tuple[int, int]] = {}
         for number, entry in enumerate(self.manifest.shards):
-            path = self.directory / entry.name
-            try:
-                with h5py.File(path, "r") as handle:
-                    _check_shard_layout(handle, path)
+            with self._reading(entry.name):
+                with h5py.File(self.directory / entry.name, "r") as handle:
                     ids = handle["image_ids"].asstr()[:]
-            except OSError as error:
-                raise ShardFormatError(f"{path}: unreadable shard ({error})") from None
             for row, image_id in enumerate(ids):
                 if image_id in index:
                     other = self.manifest.shards[index[image_id][0]].name
-                    raise ShardFormatError(f"{path}: image {image_id!r} also in {other}")
+                    raise ShardFormatError(f"{self.directory / entry.name}: image {image_id!r} also in {other}")
                 index[image_id] = (number, row)
-        with contextlib.suppress(OSError):  # a read-only directory simply has no cache
+        with contextlib.suppress(OSError):  # a read-only or full directory simply has no cache
             write_json(cache, {"shards": key, "index": index}, indent=None)
         return index
+
+    @contextlib.contextmanager
+    def _reading(self, name: str) -> Iterator[None]:
+        """HDF5 read failures → ShardFormatError naming the shard (and the handle is dropped)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            stale = self._handles.pop(name, None)
+            if stale is not None:
+                with contextlib.suppress(Exception):
+                    stale.close()
+            raise ShardFormatError(f"{self.directory / name}: reading failed ({_first_line(error)}); "
+                                   f"the shard is damaged or was changed; {_verify_hint(self.directory)}") from None
 
     def _handle(self, name: str) -> h5py.File:
         if os.getpid() != self._pid:  # forked into a worker: never share HDF5 handles
@@ -456,19 +678,21 @@ class FeatureStore:
     def get(self, image_id: str) -> tuple[np.ndarray, np.ndarray, int, tuple[int, int]]:
         """(features (k, D) float32, boxes (k, 4), k, (height, width)) of one image, unpadded."""
         name, row = self.locate(image_id)
-        handle = self._handle(name)
-        k = int(handle["num_boxes"][row])
-        features = handle["features"][row, :k].astype(np.float32)
-        boxes = handle["boxes"][row, :k]
-        height, width = (int(v) for v in handle["image_size"][row])
+        with self._reading(name):
+            handle = self._handle(name)
+            k = int(handle["num_boxes"][row])
+            features = handle["features"][row, :k].astype(np.float32)
+            boxes = handle["boxes"][row, :k]
+            height, width = (int(v) for v in handle["image_size"][row])
         return features, boxes, k, (height, width)
 
     def detections(self, image_id: str) -> dict[str, np.ndarray]:
         """The optional detector outputs (object/attribute ids and scores) present for an image."""
         name, row = self.locate(image_id)
-        handle = self._handle(name)
-        k = int(handle["num_boxes"][row])
-        return {key: handle[key][row, :k] for key in OPTIONAL_DATASETS if key in handle}
+        with self._reading(name):
+            handle = self._handle(name)
+            k = int(handle["num_boxes"][row])
+            return {key: handle[key][row, :k] for key in OPTIONAL_DATASETS if key in handle}
 
     def batch(self, image_ids: Sequence[str], max_boxes: int | None = None) -> RegionBatch:
         """Features of several images, padded to ``max_boxes`` (default: the store's K)."""
@@ -486,14 +710,8 @@ class FeatureStore:
         return RegionBatch(list(image_ids), features, boxes, num_boxes, sizes)
 
     def verify(self) -> list[str]:
-        """Check every shard's sha256 against the manifest; returns the problems found."""
-        problems = []
-        for entry in self.manifest.shards:
-            digest = sha256_file(self.directory / entry.name)
-            if digest != entry.sha256:
-                problems.append(f"{self.directory / entry.name}: sha256 {digest[:12]}… does not match "
-                                f"the manifest's {entry.sha256[:12]}…")
-        return problems
+        """Every check of `verify_features` on this store's directory; the problems found, [] when clean."""
+        return verify_features(self.directory)
 
     def close(self) -> None:
         for handle in self._handles.values():

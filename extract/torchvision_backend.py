@@ -28,7 +28,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, roi_pool
 
 from extract.config import DetectorConfig
-from extract.detector import RoIOutputs
+from extract.roi_outputs import RoIOutputs
 from extract.weights import BLOCKS_PER_STAGE
 
 FEATURE_STRIDE = 16  # res4 is 1/16 of the input

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from extract.config import DetectorConfig, ExtractError
-from extract.safeio import sha256_file
+from extract.safeio import atomic_write, sha256_file
 
 WEIGHTS_FILE = "faster_rcnn_from_caffe_attr.pkl"
 WEIGHTS_URL = "http://nlp.cs.unc.edu/models/faster_rcnn_from_caffe_attr.pkl"
@@ -267,9 +267,9 @@ def load_weights(path: str | Path, config: DetectorConfig) -> LoadedWeights:
 
 
 def save_weights_pkl(state: Mapping[str, np.ndarray], path: str | Path, protocol: int = 4) -> Path:
-    """Write a state dict as the published layout, ``{"model": {name: array}, "__author__": ...}``."""
+    """Write a state dict as the published layout, ``{"model": {name: array}, "__author__": ...}``, atomically."""
     path = Path(path)
     payload = {"model": {name: np.asarray(value) for name, value in state.items()}, "__author__": "tshsr-pipe"}
-    with open(path, "wb") as handle:
+    with atomic_write(path) as handle:
         pickle.dump(payload, handle, protocol=protocol)
     return path

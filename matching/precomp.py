@@ -10,7 +10,9 @@ A precomp directory holds, per split (train, dev, test, testall):
 
 The arrays are memory-mapped and copied shard by shard, so COCO's
 113K × 36 × 2048 train file converts without being loaded whole. Everything
-is checked before the first shard is written; shards appear only complete.
+is checked before the first shard is written; shards appear only complete,
+and a full disk is a one-line `extract.safeio.StorageError` with the shards
+written before it kept, so a rerun after freeing space continues.
 The captions go to ``OUT/captions.jsonl`` with their split (``dev`` → ``val``).
 """
 
@@ -24,7 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.shards import FeatureStore, RegionRecord, ShardFormatError, ShardWriter
+from extract.safeio import atomic_write
+from extract.shards import (
+    FeatureStore,
+    RegionRecord,
+    ShardFormatError,
+    ShardWriter,
+    adopt_orphan_shards,
+    remove_stale_partials,
+)
 from matching.captions import CaptionFormatError
 
 SPLITS = ("train", "dev", "test", "testall")
@@ -133,6 +143,10 @@ def import_precomp(
         raise ShardFormatError(f"{directory}: the splits' features differ in shape: {sorted(shapes)}")
     regions, dim = shapes.pop()
     present: set[str] = set()
+    if out.is_dir():  # what an earlier run that was killed left: its partial files, a shard it did not record
+        remove_stale_partials(out)
+        if any(out.glob("shard-*.h5")):
+            adopt_orphan_shards(out)
     if (out / "manifest.json").exists() and FeatureStore.has_images(out):
         present = set(FeatureStore(out).image_ids)  # a rerun (or test ⊂ testall) skips these
     settings = {"source": "scan-precomp", "directory": str(directory), "captions_per_image": captions_per_image,
@@ -165,12 +179,10 @@ def import_precomp(
 
 
 def _write_captions(path: Path, splits: Sequence[PrecompSplit]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_write(path, "w", encoding="utf-8") as handle:
         for split in splits:
             name = SPLIT_NAMES.get(split.name, split.name)
             for number, caption in enumerate(split.captions):
                 image_id = split.image_ids[number // split.captions_per_image]
                 handle.write(json.dumps({"image_id": image_id, "caption": caption.strip(), "split": name},
                                         ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

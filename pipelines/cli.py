@@ -385,9 +385,10 @@ def demo(out: Path, fast: bool, num_images: int, seed: int, device: str) -> None
                f"{outcome['spec'].features} \"a red circle\")")
 
 
-from pipelines.extract_cmd import extract  # noqa: E402
+from pipelines.extract_cmd import extract, verify  # noqa: E402
 
 cli.add_command(extract)
+cli.add_command(verify)
 
 
 def main() -> None:

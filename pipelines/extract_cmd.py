@@ -1,104 +1,139 @@
-"""`tshsr-pipe extract`: images → region features (HDF5 shards + manifest.json)."""
+"""`tshsr-pipe extract` (images → region features) and `tshsr-pipe verify` (features against their manifest).
+
+The extract command's run options are `extract.config.RUN_OPTIONS`: their names, types, ranges,
+choices and help come from there and their defaults from the dataclasses (`default_options`), so
+`--help` always shows what `ExtractConfig` does, and a pipeline's ``extract:`` section takes the
+same names (``--num-boxes 20`` → ``num_boxes: 20``).
+"""
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
+from extract.config import RUN_OPTIONS, RunOption, default_options
 from pipelines.errors import UserError, user_errors
 
 WEIGHTS_ENV = "TSHSR_EXTRACT_WEIGHTS"
 
 
+def _click_type(option: RunOption) -> click.ParamType:
+    if option.choices:
+        return click.Choice(option.choices)
+    if option.kind is int:
+        return click.IntRange(min=option.minimum, max=option.maximum)
+    if option.kind is float:
+        return click.FloatRange(min=option.minimum, max=option.maximum, min_open=option.above_minimum)
+    return click.STRING
+
+
+def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add every `RUN_OPTIONS` entry to `command` as a click option, in the table's order."""
+    defaults = default_options()
+    for name, option in reversed(RUN_OPTIONS.items()):  # click lists options in reverse order of decoration
+        flag = "--" + name.replace("_", "-")
+        if option.kind is bool:
+            command = click.option(flag, name, is_flag=True, default=defaults[name], help=option.help)(command)
+        else:
+            command = click.option(flag, name, type=_click_type(option), default=defaults[name], show_default=True,
+                                   help=option.help)(command)
+    return command
+
+
+def build_extract_command() -> click.Command:
+    """The `extract` command, with its run options' defaults read from the dataclasses now."""
+
+    @click.command("extract")
+    @click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                  help="Feature directory to write (shards + manifest.json); a rerun continues where it stopped.")
+    @click.option("--weights", "weights_path", type=click.Path(path_type=Path), envvar=WEIGHTS_ENV,
+                  help=f"The bottom-up-attention weights, faster_rcnn_from_caffe_attr.pkl (see extract/README.md) "
+                       f"[env: {WEIGHTS_ENV}].")
+    @click.option("--list", "image_list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="Extract only the images in this file, one path a line, relative to IMAGES_DIR.")
+    @_run_options
+    @click.option("--quiet", is_flag=True, help="No progress bar.")
+    @user_errors
+    def extract(images_dir: Path, out: Path, weights_path: Path | None, image_list: Path | None, quiet: bool,
+                **options: Any) -> None:
+        """Detect regions in every image under IMAGES_DIR and write their features to --out.
+
+        The bottom-up-attention Faster R-CNN (ResNet-101, Visual Genome 1600
+        objects / 400 attributes) proposes 300 RoIs per image; the 36 best after
+        per-class NMS are kept (--boxes adaptive: 10 to 100) with their 2048-d
+        features, boxes in original pixels, object and attribute labels. Image
+        ids are paths relative to IMAGES_DIR. In a pipeline file, the options
+        go in the extract: section with underscores (--num-boxes 20 is
+        num_boxes: 20; weights and list too).
+
+        \b
+        Interrupting is safe: completed shards are kept (exit 130 on Ctrl-C,
+        143 on SIGTERM), and running the same command again skips the images
+        already done (and those that failed; see manifest.json, --retry-failed).
+        Several GPUs or machines:
+          torchrun --nproc-per-node 4 -m pipelines.cli extract IMAGES --out F --device cuda --weights W
+        """
+        from extract.config import ExtractConfig
+        from extract.run import extract_features
+        from extract.runtime import Launch, exit_code
+        from extract.weights import WEIGHTS_SOURCE
+
+        if weights_path is None:
+            raise UserError(f"--weights is required: the extractor needs {WEIGHTS_SOURCE}")
+        config = ExtractConfig.from_options(options)
+        launch = Launch.from_env()
+        summary = extract_features(images_dir, out, weights_path, config, image_list=image_list, launch=launch,
+                                   progress=not quiet)
+        prefix = f"rank {launch.rank}/{launch.world_size}: " if launch.distributed else ""
+        rate = f", {summary.done / summary.seconds:.2f} images/s" if summary.done and summary.seconds > 0 else ""
+        click.echo(f"{prefix}{summary.done} extracted, {summary.skipped} skipped (done or failed before), "
+                   f"{len(summary.failed)} failed; {summary.total} images in all{rate} "
+                   f"[{summary.backend or 'no'} backend]")
+        for item in summary.failed[:10]:
+            click.echo(f"{prefix}  failed: {item['path']}: {item['reason']}")
+        if len(summary.failed) > 10:
+            click.echo(f"{prefix}  … {len(summary.failed) - 10} more in {out / 'manifest.json'}")
+        if summary.interrupted:
+            click.echo(f"{prefix}interrupted: what was extracted is saved; run the same command again to continue")
+            raise SystemExit(exit_code(summary.signum))
+        click.echo(f"{prefix}features in {out}")
+
+    return extract
+
+
+extract = build_extract_command()
+
+
 @click.command()
-@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Feature directory to write (shards + manifest.json); a rerun continues where it stopped.")
-@click.option("--weights", "weights_path", type=click.Path(path_type=Path), envvar=WEIGHTS_ENV,
-              help=f"The bottom-up-attention weights, faster_rcnn_from_caffe_attr.pkl (see extract/README.md) "
-                   f"[env: {WEIGHTS_ENV}].")
-@click.option("--list", "image_list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Extract only the images in this file, one path a line, relative to IMAGES_DIR.")
-@click.option("--boxes", "box_mode", type=click.Choice(["fixed", "adaptive"]), default="fixed", show_default=True,
-              help="fixed: the top --num-boxes regions; adaptive: the regions scoring at least --conf-threshold, "
-                   "between --min-boxes and --max-boxes (the original 10-100).")
-@click.option("--num-boxes", default=36, show_default=True, type=click.IntRange(min=1),
-              help="Regions per image in fixed mode.")
-@click.option("--min-boxes", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-boxes", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option("--conf-threshold", default=0.2, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--nms", "nms_threshold", default=0.3, show_default=True, type=click.FloatRange(0, 1),
-              help="IoU threshold of the per-class NMS that ranks regions.")
-@click.option("--float32", is_flag=True, help="Store float32 features (default float16).")
-@click.option("--backend", type=click.Choice(["auto", "torchvision", "detectron2"]), default="auto",
-              show_default=True, help="auto: detectron2 when it is installed, else torchvision (same results).")
-@click.option("--device", default="cpu", show_default=True,
-              help="cpu, cuda or cuda:N; under torchrun each rank takes cuda:LOCAL_RANK.")
-@click.option("--half", is_flag=True, help="float16 autocast on GPU (checked against float32 by the tests).")
-@click.option("--batch-size", default=0, type=click.IntRange(min=0),
-              help="Images per forward pass [default: 1 on CPU, 4 on GPU].")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
-              help="Image-decoding processes running alongside the detector (0: decode in the main process).")
-@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per shard.")
-@click.option("--commit-minutes", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Also close a shard after this long, so an interruption loses at most this much work.")
-@click.option("--min-size", default=600, show_default=True, type=click.IntRange(min=16),
-              help="Shorter image side after resizing.")
-@click.option("--max-size", default=1000, show_default=True, type=click.IntRange(min=16),
-              help="Longer image side is capped at this.")
-@click.option("--rois", default=300, show_default=True, type=click.IntRange(min=1),
-              help="RoIs per image after the RPN; res5 over them is most of the time.")
-@click.option("--max-megapixels", default=250, show_default=True, type=click.IntRange(min=1),
-              help="Larger JPEGs are decoded at reduced scale, other larger images are skipped.")
-@click.option("--retry-failed", is_flag=True, help="Try again the images a previous run listed as failed.")
+@click.argument("features", type=click.Path(path_type=Path))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def extract(images_dir: Path, out: Path, weights_path: Path | None, image_list: Path | None, box_mode: str,
-            num_boxes: int, min_boxes: int, max_boxes: int, conf_threshold: float, nms_threshold: float,
-            float32: bool, backend: str, device: str, half: bool, batch_size: int, workers: int, shard_size: int,
-            commit_minutes: float, min_size: int, max_size: int, rois: int, max_megapixels: int,
-            retry_failed: bool, quiet: bool) -> None:
-    """Detect regions in every image under IMAGES_DIR and write their features to --out.
+def verify(features: Path, quiet: bool) -> None:
+    """Check the feature directory FEATURES against its manifest.json, reading every shard whole.
 
-    The bottom-up-attention Faster R-CNN (ResNet-101, Visual Genome 1600
-    objects / 400 attributes) proposes 300 RoIs per image; the 36 best after
-    per-class NMS are kept (--boxes adaptive: 10 to 100) with their 2048-d
-    features, boxes in original pixels, object and attribute labels. Image
-    ids are paths relative to IMAGES_DIR.
-
-    \b
-    Interrupting is safe: completed shards are kept, and running the same
-    command again skips the images already done (and those that failed;
-    see manifest.json, --retry-failed). Several GPUs or machines:
-      torchrun --nproc-per-node 4 -m pipelines.cli extract IMAGES --out F --device cuda --weights W
+    Checks each shard's size and sha256, its datasets' shapes and dtypes, its image
+    count, that image ids are unique, that num_boxes lies within K, and that the
+    failed list is sane. Prints one line per problem and exits 2 when there is any,
+    0 when the directory is clean. (Opening features for train, evaluate or search
+    checks only sizes and headers, which is fast.)
     """
-    from extract.config import DetectorConfig, ExtractConfig
-    from extract.run import RankInfo, extract_features
-    from extract.weights import WEIGHTS_SOURCE
+    from extract.runtime import progress_bar
+    from extract.shards import check_shard, read_manifest, verify_features
 
-    if weights_path is None:
-        raise UserError(f"--weights is required: the extractor needs {WEIGHTS_SOURCE}")
-    config = ExtractConfig(
-        detector=dataclasses.replace(DetectorConfig(), min_size=min_size, max_size=max_size, rpn_post_nms_topk=rois),
-        box_mode=box_mode, num_boxes=num_boxes, min_boxes=min_boxes, max_boxes=max_boxes,
-        conf_threshold=conf_threshold, nms_threshold=nms_threshold,
-        feature_dtype="float32" if float32 else "float16", backend=backend, device=device, half=half,
-        batch_size=batch_size, workers=workers, shard_size=shard_size, commit_seconds=commit_minutes * 60,
-        max_pixels=max_megapixels * 1_000_000, retry_failed=retry_failed)
-    rank = RankInfo.from_env()
-    summary = extract_features(images_dir, out, weights_path, config, image_list=image_list, rank=rank,
-                               progress=not quiet)
-    prefix = f"rank {rank.rank}/{rank.world_size}: " if rank.world_size > 1 else ""
-    rate = f", {summary.done / summary.seconds:.2f} images/s" if summary.done and summary.seconds > 0 else ""
-    click.echo(f"{prefix}{summary.done} extracted, {summary.skipped} skipped (done or failed before), "
-               f"{len(summary.failed)} failed; {summary.total} images in all{rate} [{summary.backend or 'no'} backend]")
-    for item in summary.failed[:10]:
-        click.echo(f"{prefix}  failed: {item['path']}: {item['reason']}")
-    if len(summary.failed) > 10:
-        click.echo(f"{prefix}  … {len(summary.failed) - 10} more in {out / 'manifest.json'}")
-    if summary.interrupted:
-        click.echo(f"{prefix}interrupted: what was extracted is saved; run the same command again to continue")
-        raise SystemExit(130)
-    click.echo(f"{prefix}features in {out}")
+    shards = len(read_manifest(features).shards) if (features / "manifest.json").is_file() else 0
+    with progress_bar(shards, "verifying", "shard", enabled=not quiet) as bar:
+        problems = verify_features(features, on_shard=lambda name: bar.update(1))
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        raise UserError(f"{features}: {len(problems)} problem(s) found")
+    manifest = read_manifest(features)
+    layouts = [check_shard(features, entry) for entry in manifest.shards]
+    shape = (f"{max(layout.max_boxes for layout in layouts)} boxes of {layouts[0].feature_dim} "
+             f"{layouts[0].dtype.name} features; " if layouts else "")
+    click.echo(f"{features}: {len(manifest.shards)} shards, {manifest.num_images} images, {shape}every shard "
+               "matches the manifest")

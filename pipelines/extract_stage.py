@@ -1,10 +1,11 @@
 """The extract stage of `tshsr-pipe run` and of the demo: raw images → feature shards.
 
-The stage's options are those of `tshsr-pipe extract`: ``weights`` (required), any field of
-`extract.config.ExtractConfig` (``box_mode``, ``num_boxes``, ``workers``, …) and any field of
-`extract.config.DetectorConfig` (``min_size``, ``max_size``, ``rpn_post_nms_topk``, …).
-Extraction is incremental by itself: images already in complete shards are skipped, so a
-stage with nothing left to do writes nothing and leaves the later stages up to date.
+The stage's options are those of `tshsr-pipe extract`, by the same names with underscores:
+``weights`` (required) and ``list``, and the run options of `extract.config.RUN_OPTIONS`
+(``boxes``, ``num_boxes``, ``rois``, ``min_size``, ``workers``, …); the output directory is
+the pipeline's ``features``. Extraction is incremental by itself: images already in complete
+shards are skipped, so a stage with nothing left to do writes nothing and leaves the later
+stages up to date.
 """
 
 from __future__ import annotations
@@ -16,32 +17,35 @@ from typing import Any
 
 from pipelines.errors import PipelineError
 
+STAGE_OPTIONS = ("weights", "list")  # the command's --weights and --list; the others are RUN_OPTIONS
 DEMO_WEIGHTS = "weights/random_bottom_up_attr_shortcuts.pkl"
 # The demo's scenes are 192-pixel renders: keep them at that size, and take fewer RoIs than the
 # original's 300 (res5 over the RoIs is most of the time on a CPU).
-DEMO_EXTRACT = {"min_size": 192, "max_size": 192, "rpn_post_nms_topk": 24, "num_boxes": 12, "workers": 1}
+DEMO_EXTRACT = {"min_size": 192, "max_size": 192, "rois": 24, "num_boxes": 12, "workers": 1}
 
 
-def extract_config(options: dict[str, Any], device: str) -> tuple[Path, Any]:
-    """(weights path, ExtractConfig) from a pipeline's extract options; PipelineError on unknown ones."""
-    from extract.config import DetectorConfig, ExtractConfig
+def extract_config(options: dict[str, Any], device: str) -> tuple[Path, Path | None, Any]:
+    """(weights, image list or None, ExtractConfig) from a pipeline's extract section, checked without running.
+
+    PipelineError for an unknown option (listing the known ones) or missing weights;
+    ExtractError for a value of the wrong type or range. ``device`` applies unless the
+    section sets its own.
+    """
+    from extract.config import RUN_OPTIONS, ExtractConfig
 
     options = dict(options)
-    weights = options.pop("weights", None)
-    device = options.pop("device", device)
+    unknown = sorted(set(options) - set(STAGE_OPTIONS) - set(RUN_OPTIONS))
+    if unknown:
+        hint = " (the output directory is the pipeline's 'features')" if "out" in unknown else ""
+        raise PipelineError(f"unknown extract option(s): {', '.join(unknown)}{hint}; known (those of "
+                            f"`tshsr-pipe extract`): {', '.join((*STAGE_OPTIONS, *RUN_OPTIONS))}")
+    weights, image_list = options.pop("weights", None), options.pop("list", None)
     if not weights:
         from extract.weights import WEIGHTS_SOURCE
 
         raise PipelineError(f"the extract stage needs 'weights': {WEIGHTS_SOURCE}")
-    detector_fields = {f.name for f in dataclasses.fields(DetectorConfig)}
-    extract_fields = {f.name for f in dataclasses.fields(ExtractConfig)} - {"detector"}
-    unknown = set(options) - detector_fields - extract_fields
-    if unknown:
-        raise PipelineError(f"unknown extract option(s): {', '.join(sorted(unknown))}")
-    detector = dataclasses.replace(DetectorConfig(), **{k: v for k, v in options.items() if k in detector_fields})
-    config = ExtractConfig(detector=detector, device=device,
-                           **{k: v for k, v in options.items() if k in extract_fields})
-    return Path(weights), config
+    options.setdefault("device", device)
+    return Path(weights), Path(image_list) if image_list else None, ExtractConfig.from_options(options)
 
 
 def extract_stage(images: Path, features: Path, options: dict[str, Any], *, device: str,
@@ -49,10 +53,10 @@ def extract_stage(images: Path, features: Path, options: dict[str, Any], *, devi
     """Run (or resume) the extraction; `force` also retries the images a previous run failed on."""
     from extract.run import extract_features
 
-    weights, config = extract_config(options, device)
+    weights, image_list, config = extract_config(options, device)
     if force:
         config = dataclasses.replace(config, retry_failed=True)
-    summary = extract_features(images, features, weights, config, progress=progress)
+    summary = extract_features(images, features, weights, config, image_list=image_list, progress=progress)
     if summary.interrupted:
         raise PipelineError(f"extraction interrupted; run the pipeline again to continue ({features})")
     if summary.done == 0:
@@ -77,8 +81,5 @@ def demo_extract_options(out: Path) -> dict[str, Any]:
 
     path = out / DEMO_WEIGHTS
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_weights_pkl(random_published_weights(DetectorConfig(), seed=0, residual_scale=0.0), tmp)
-        tmp.replace(path)
+        save_weights_pkl(random_published_weights(DetectorConfig(), seed=0, residual_scale=0.0), path)
     return {"weights": str(path), **DEMO_EXTRACT}

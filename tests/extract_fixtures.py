@@ -32,9 +32,7 @@ def weights_file(directory: Path) -> Path:
 
     path = directory / "faster_rcnn_from_caffe_attr.pkl"
     if not path.exists():
-        tmp = directory / "weights.pkl.tmp"
-        save_weights_pkl(random_published_weights(DetectorConfig(), seed=0), tmp)
-        tmp.replace(path)
+        save_weights_pkl(random_published_weights(DetectorConfig(), seed=0), path)
     return path
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from extract.boxes import nms_confidence, select_regions
-from extract.detector import RoIOutputs
+from extract.roi_outputs import RoIOutputs
 
 
 def greedy_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:

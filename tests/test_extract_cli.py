@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -133,3 +134,25 @@ def test_shards_and_torchvision_backend_never_import_detectron2():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "OK torchvision" in result.stdout
+
+
+def test_verify_says_clean_or_lists_each_problem_and_exits_2(tmp_path):
+    from extract.shards import RegionRecord, ShardWriter
+
+    writer = ShardWriter(tmp_path / "f", max_boxes=3, feature_dim=8)
+    for image_id in ("a", "b"):
+        writer.add(RegionRecord(image_id, np.ones((2, 8), np.float32), np.zeros((2, 4), np.float32), (5, 5)))
+    writer.commit()
+    clean = CliRunner().invoke(cli, ["verify", str(tmp_path / "f"), "--quiet"])
+    assert clean.exit_code == 0, clean.output
+    assert clean.output == f"{tmp_path / 'f'}: 1 shards, 2 images, 3 boxes of 8 float16 features; every shard " \
+                           "matches the manifest\n"
+    shard = tmp_path / "f" / "shard-00000.h5"
+    with h5py.File(shard, "r+") as handle:
+        handle["features"][0, 0, 0] = 42  # the same size, another checksum
+    broken = CliRunner().invoke(cli, ["verify", str(tmp_path / "f"), "--quiet"])
+    assert broken.exit_code == 2
+    assert broken.stdout.startswith(f"{shard}: sha256 ") and broken.stdout.count("\n") == 1
+    assert broken.stderr == f"Error: {tmp_path / 'f'}: 1 problem(s) found\n"
+    missing = CliRunner().invoke(cli, ["verify", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "nowhere: no such feature directory" in missing.output

@@ -19,7 +19,8 @@ from extract.boxes import select_regions
 from extract.config import ExtractError
 from extract.detector import build_detector, resolve_backend
 from extract.images import boxes_to_original, decode_image, prepare_image
-from extract.run import RankInfo, extract_features
+from extract.run import extract_features
+from extract.runtime import Launch
 from extract.safeio import sha256_file
 from extract.shards import FeatureStore, read_manifest
 from extract.weights import load_weights
@@ -182,7 +183,7 @@ CHILD = """
             os.kill(os.getpid(), getattr(signal, how))
     summary = extract_features(images, out, weights, small_config(shard_size=int(shard_size)), progress=False,
                                on_image=on_image)
-    print("SUMMARY", summary.done, summary.interrupted)
+    print("SUMMARY", summary.done, summary.signum)
 """
 
 
@@ -198,10 +199,10 @@ def test_a_stopped_run_resumes_without_loss_or_duplicates(tmp_path, published_we
     stdout, stderr = child.communicate(timeout=300)
     if how == "SIGKILL":
         assert child.returncode == -signal.SIGKILL, stderr
-    else:  # SIGTERM stops the run gracefully: what was extracted is committed
+    else:  # SIGTERM stops the run gracefully: what was extracted is committed, and the signal is told
         assert child.returncode == 0, stderr
-        done, interrupted = stdout.split("SUMMARY")[1].split()
-        assert interrupted == "True" and int(done) >= 2  # the third image seen is the first broken one
+        done, signum = stdout.split("SUMMARY")[1].split()
+        assert signum == str(int(signal.SIGTERM)) and int(done) >= 2  # the third image seen is the first broken one
         assert read_manifest(out).num_images == int(done)
     before = read_manifest(out).num_images if (out / "manifest.json").exists() else 0
     assert before < len(sizes)
@@ -211,6 +212,20 @@ def test_a_stopped_run_resumes_without_loss_or_duplicates(tmp_path, published_we
     store = FeatureStore(out)  # raises on an image stored twice
     assert sorted(store.image_ids) == sorted(sizes) and store.verify() == []
     assert {item["path"] for item in read_manifest(out).failed} == set(BAD_IMAGES)
+
+
+def test_ctrl_c_commits_what_was_extracted_and_tells_the_signal(tmp_path, published_weights):  # noqa: F811
+    images = _small_set(tmp_path)
+    out = tmp_path / "features"
+
+    def interrupt_after_first(image_id: str) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    summary = extract_features(images, out, published_weights, small_config(shard_size=100), progress=False,
+                               on_image=interrupt_after_first)
+    assert summary.signum == signal.SIGINT and summary.interrupted and summary.done == 1
+    assert FeatureStore(out).image_ids == ["a.jpg"] and not list(out.glob("*.partial"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
 
 
 @pytest.mark.slow
@@ -227,5 +242,5 @@ def test_torchrun_ranks_write_disjoint_shards_into_one_directory(tmp_path, publi
     assert len(read_manifest(out).shards) == 4  # shard size 1: every image its own shard, none clobbered
     assert [f["path"] for f in read_manifest(out).failed] == ["broken/empty.png"]
     # Rank 1 alone, rerun: its slice (every second image) is done; nothing is redone.
-    again = extract_features(images, out, published_weights, small_config(), rank=RankInfo(1, 2, 1), progress=False)
+    again = extract_features(images, out, published_weights, small_config(), launch=Launch(1, 2, 1), progress=False)
     assert again.done == 0 and again.total == 2

@@ -146,7 +146,7 @@ def test_pipeline_from_raw_images_extracts_once(tmp_path, published_weights):
                         features=tmp_path / "work" / "features", images=images, name="px", vocab={"threshold": 1},
                         model=dict(SMALL_MODEL), train={**TRAIN, "epochs": 1, "warmup_epochs": 1},
                         extract={"weights": str(published_weights), "min_size": 96, "max_size": 96,
-                                 "rpn_post_nms_topk": 8, "num_boxes": 6, "workers": 0, "pooler_resolution": 6},
+                                 "rois": 2, "num_boxes": 2, "workers": 0},
                         evaluate={"split": "test", "protocol": "full"})
     first = []
     run_pipeline(spec, log=first.append, progress=False)
@@ -154,7 +154,7 @@ def test_pipeline_from_raw_images_extracts_once(tmp_path, published_weights):
     from extract.shards import FeatureStore
 
     store = FeatureStore(spec.features)
-    assert len(store) == 40 and store.max_boxes == 6 and store.feature_dim == 2048
+    assert len(store) == 40 and store.max_boxes == 2 and store.feature_dim == 2048
     again = []
     run_pipeline(spec, log=again.append, progress=False)
     assert "up to date" in stages(again)["extract"] and "up to date" in stages(again)["train"]

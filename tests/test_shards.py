@@ -19,6 +19,7 @@ from extract.shards import (
     adopt_orphan_shards,
     read_manifest,
     remove_stale_partials,
+    verify_features,
 )
 
 
@@ -117,8 +118,96 @@ def test_recovery_after_a_kill_between_rename_and_manifest_update(tmp_path):
     (tmp_path / f"shard~{host}~999999999~1.h5.partial").write_bytes(b"dead writer")
     (tmp_path / f"shard~{host}~{os.getpid()}~1.h5.partial").write_bytes(b"live writer")
     (tmp_path / "shard~elsewhere~1~1.h5.partial").write_bytes(b"another machine")
+    (tmp_path / f".shard~{host}~999999999~2.h5.partial.x1y2.tmp").write_bytes(b"dead writer's temporary file")
+    (tmp_path / f".shard~{host}~{os.getpid()}~2.h5.partial.x1y2.tmp").write_bytes(b"live writer's")
     removed = {p.name for p in remove_stale_partials(tmp_path)}
-    assert removed == {f"shard~{host}~999999999~1.h5.partial"}
+    assert removed == {f"shard~{host}~999999999~1.h5.partial", f".shard~{host}~999999999~2.h5.partial.x1y2.tmp"}
     assert adopt_orphan_shards(tmp_path) == ["shard-00001.h5"]
     assert not (tmp_path / "shard-00002.h5").exists()
     assert FeatureStore(tmp_path).image_ids == ["a", "b"]
+
+
+def _two_shards(directory, dim: int = 8):
+    for part in (["a", "b"], ["c"]):
+        writer = ShardWriter(directory, max_boxes=3, feature_dim=dim)
+        for n, image_id in enumerate(part):
+            writer.add(record(image_id, 2 + n, dim, seed=n))
+        writer.commit(failed=[{"path": "bad.jpg", "reason": "truncated"}] if part == ["c"] else ())
+
+
+def test_the_manifest_records_shard_sizes_and_old_manifests_still_read(tmp_path):
+    _two_shards(tmp_path)
+    manifest = read_manifest(tmp_path)
+    assert [e.num_bytes for e in manifest.shards] == [(tmp_path / e.name).stat().st_size for e in manifest.shards]
+    payload = json.loads((tmp_path / "manifest.json").read_text())
+    for entry in payload["shards"]:
+        del entry["num_bytes"]  # as written before sizes were recorded
+    (tmp_path / "manifest.json").write_text(json.dumps(payload))
+    assert [e.num_bytes for e in read_manifest(tmp_path).shards] == [None, None]
+    assert read_manifest(tmp_path).to_dict()["shards"] == payload["shards"]
+    assert FeatureStore(tmp_path).image_ids == ["a", "b", "c"] and verify_features(tmp_path) == []
+
+
+@pytest.mark.parametrize("sizes_recorded", [True, False])
+def test_a_truncated_shard_is_named_when_the_store_opens(tmp_path, sizes_recorded):
+    _two_shards(tmp_path)
+    FeatureStore(tmp_path).close()  # the index is cached: opening no longer reads the ids
+    if not sizes_recorded:
+        payload = json.loads((tmp_path / "manifest.json").read_text())
+        for entry in payload["shards"]:
+            del entry["num_bytes"]
+        (tmp_path / "manifest.json").write_text(json.dumps(payload))
+    shard = tmp_path / "shard-00001.h5"
+    os.truncate(shard, shard.stat().st_size // 2)
+    reason = "bytes, the manifest recorded" if sizes_recorded else "not a readable HDF5 shard"
+    with pytest.raises(ShardFormatError, match=rf"^{shard}: .*{reason}.*run `tshsr-pipe verify {tmp_path}`"):
+        FeatureStore(tmp_path)
+
+
+def test_a_shard_damaged_during_a_run_is_named_when_read(tmp_path):
+    _two_shards(tmp_path)
+    store = FeatureStore(tmp_path)  # checked and opened; the shards' files are opened at the first read
+    shard = tmp_path / "shard-00001.h5"
+    os.truncate(shard, shard.stat().st_size // 2)
+    with pytest.raises(ShardFormatError, match=rf"^{shard}: reading failed .*tshsr-pipe verify"):
+        store.get("c")
+    assert store.get("a")[2] == 2  # the other shard still reads
+
+
+def test_a_layout_against_the_contract_is_refused_at_open(tmp_path):
+    _two_shards(tmp_path)
+    with h5py.File(tmp_path / "shard-00000.h5", "r+") as handle:
+        values = handle["num_boxes"][:]
+        del handle["num_boxes"]
+        handle.create_dataset("num_boxes", data=values.astype(np.float64))
+    payload = json.loads((tmp_path / "manifest.json").read_text())
+    payload["shards"][0]["num_bytes"] = (tmp_path / "shard-00000.h5").stat().st_size  # only the layout is wrong
+    (tmp_path / "manifest.json").write_text(json.dumps(payload))
+    with pytest.raises(ShardFormatError, match="shard-00000.h5: num_boxes is float64 \\(2,\\), expected int16"):
+        FeatureStore(tmp_path)
+
+
+def test_verify_names_every_problem_on_its_own_line(tmp_path):
+    _two_shards(tmp_path)
+    assert verify_features(tmp_path) == []
+    with h5py.File(tmp_path / "shard-00000.h5", "r+") as handle:
+        handle["num_boxes"][1] = 7  # more than K = 3
+        handle["image_ids"][0] = "c"  # also in shard-00001
+    payload = json.loads((tmp_path / "manifest.json").read_text())
+    payload["failed"] += [{"path": "c", "reason": "x"}, {"path": "bad.jpg", "reason": "again"}, "junk"]
+    payload["shards"][1]["num_images"] = 5
+    (tmp_path / "manifest.json").write_text(json.dumps(payload))
+    (tmp_path / "shard-00007.h5").write_bytes(b"stray")
+    problems = verify_features(tmp_path)
+    first, second = tmp_path / "shard-00000.h5", tmp_path / "shard-00001.h5"
+    expected = [f"{first}: sha256 ", f"{first}: 1 images have num_boxes outside 0..3 (first 'b': 7)",
+                f"{second}: image 'c' also in shard-00000.h5", f"{second}: holds 1 images, the manifest says 5",
+                f"{tmp_path / 'shard-00007.h5'}: not in the manifest",
+                "failed entry 3 is not {path, reason}", "'c' is listed as failed but stored in shard-00000.h5",
+                "'bad.jpg' is listed as failed twice"]
+    for text in expected:
+        assert sum(text in problem for problem in problems) == 1, (text, problems)
+    assert len(problems) == len(expected) and all("\n" not in problem for problem in problems)
+    (tmp_path / "shard-00001.h5").unlink()
+    assert any(f"{second}: shard listed in the manifest is missing" == p for p in verify_features(tmp_path))
+    assert verify_features(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere'}: no such feature directory"]
