@@ -15,6 +15,14 @@ class PipelineError(ValueError):
     """A pipeline description that cannot run; the message names the field or file."""
 
 
+class StageStopped(Exception):
+    """A pipeline stage stopped by SIGINT/SIGTERM after saving; the command exits 130 or 143."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 class UserError(click.ClickException):
     """Printed as ``Error: message`` with exit code 2."""
 
@@ -50,10 +58,19 @@ def user_errors(command: F) -> F:
             return command(*args, **kwargs)
         except click.ClickException:
             raise
+        except StageStopped as stopped:  # saved; the shell learns which signal stopped it
+            from extract.runtime import exit_code
+
+            click.echo(str(stopped))
+            raise SystemExit(exit_code(stopped.signum)) from None
         except user_error_types() as error:
             from extract.safeio import StorageError
 
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+            # An error raised in a DataLoader worker arrives as "Caught X in DataLoader worker process N."
+            # followed by the worker's traceback, whose last line is the original message.
+            message = (lines[-1].split(": ", 1)[-1] if lines[0].startswith("Caught ") else lines[0]) if lines \
+                else type(error).__name__
             if isinstance(error, OSError) and not isinstance(error, StorageError) and error.filename:
                 message = f"{error.filename}: {error.strerror}"
             raise UserError(message) from None

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, StageStopped
 
 STAGE_OPTIONS = ("weights", "list")  # the command's --weights and --list; the others are RUN_OPTIONS
 DEMO_WEIGHTS = "weights/random_bottom_up_attr_shortcuts.pkl"
@@ -58,7 +58,10 @@ def extract_stage(images: Path, features: Path, options: dict[str, Any], *, devi
         config = dataclasses.replace(config, retry_failed=True)
     summary = extract_features(images, features, weights, config, image_list=image_list, progress=progress)
     if summary.interrupted:
-        raise PipelineError(f"extraction interrupted; run the pipeline again to continue ({features})")
+        message = f"extraction interrupted; run the pipeline again to continue ({features})"
+        if summary.signum is not None:
+            raise StageStopped(message, summary.signum)
+        raise PipelineError(message)
     if summary.done == 0:
         log(f"extract: up to date ({features}: {summary.skipped} images done before)")
     else:

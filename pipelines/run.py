@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from extract.safeio import write_json
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, StageStopped
 
 STAGES = ("extract", "vocab", "train", "evaluate")
 STATE_FILE = ".pipeline-state.json"
@@ -99,9 +99,13 @@ class PipelineSpec:
         for section in ("extract", "vocab", "model", "train", "evaluate"):
             if not isinstance(payload.get(section) or {}, dict):
                 raise PipelineError(f"pipeline field '{section}' must be a mapping")
+        extract = dict(payload.get("extract") or {})
+        for key in ("weights", "list"):  # paths, like the top-level ones, relative to the pipeline file
+            if extract.get(key):
+                extract[key] = str(resolve(extract[key]))
         spec = cls(workdir=workdir, captions=resolve(payload["captions"]), features=features,  # type: ignore[arg-type]
                    images=resolve(payload.get("images")), name=str(payload.get("name", "run")),
-                   device=str(payload.get("device", "auto")), extract=dict(payload.get("extract") or {}),
+                   device=str(payload.get("device", "auto")), extract=extract,
                    vocab=dict(payload.get("vocab") or {}), model=dict(payload.get("model") or {}),
                    train=dict(payload.get("train") or {}), evaluate=dict(payload.get("evaluate") or {}))
         spec.check()
@@ -303,7 +307,10 @@ def _train(spec: PipelineSpec, records: StageRecords, forced: set[str], log: Cal
                    run_dir=run.path, resume=resume, overwrite=not resume, device=spec.device,
                    train_split=train_split, val_split=val_split, progress=progress, log=log)
     if result.interrupted:
-        raise PipelineError(f"training stopped at step {result.global_step}; run the pipeline again to resume")
+        message = f"training stopped at step {result.global_step}; run the pipeline again to resume"
+        if result.stopped_by is not None:
+            raise StageStopped(message, result.stopped_by)
+        raise PipelineError(message)
 
 
 def _evaluate(spec: PipelineSpec, records: StageRecords, forced: set[str],
