@@ -347,6 +347,8 @@ def apply_settings(config: Config, dotted: dict[str, Any]) -> Config:
     """A copy of `config` with ``{"section.field": value}`` applied and checked."""
     payload = config.to_dict()
     for key, value in dotted.items():
+        if key == "task":  # the task is chosen when the config is made (Config.default), not changed
+            continue
         section, _, name = key.partition(".")
         payload[section][name] = value
     return Config.from_dict(payload)
@@ -373,6 +375,10 @@ def settings_differences(config: Config, dotted: dict[str, Any]) -> dict[str, tu
     current = config.to_dict()
     differences = {}
     for key in dotted:
+        if key == "task":
+            if dotted[key] != config.task:
+                differences[key] = (config.task, dotted[key])
+            continue
         section, _, name = key.partition(".")
         if changed[section][name] != current[section][name]:
             differences[key] = (current[section][name], changed[section][name])

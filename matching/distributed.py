@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -104,14 +104,25 @@ def score_matrix_ranks(model: TSHSR, images: ImageSource, captions: Sequence[Seq
     Rank r scores its contiguous share of the images against all captions; the
     rows are gathered in rank order, so the result equals one process's.
     """
+    return images_split_among_ranks(lambda share: score_matrix(model, share, captions, device=device, **kwargs),
+                                    images, launch, device, image_axis=0)
+
+
+def images_split_among_ranks(score: Callable[[ImageSource], np.ndarray], images: ImageSource, launch: Launch,
+                             device: torch.device, image_axis: int) -> np.ndarray:
+    """Run `score` on this rank's contiguous share of `images` and gather the shares along `image_axis`.
+
+    Used for the matching score matrix (images on axis 0) and the multi-query round scores
+    (rounds × sets × images, images on axis 2); every rank gets the whole array.
+    """
     if not launch.distributed:
-        return score_matrix(model, images, captions, device=device, **kwargs)
+        return score(images)
     bounds = np.linspace(0, len(images), launch.world_size + 1).astype(int)
-    share = SlicedImages(images, int(bounds[launch.rank]), int(bounds[launch.rank + 1]))
-    rows = score_matrix(model, share, captions, device=device, **kwargs)
+    part = score(SlicedImages(images, int(bounds[launch.rank]), int(bounds[launch.rank + 1])))
+    moved = np.ascontiguousarray(np.moveaxis(part, image_axis, 0))  # images first, for gather_rows
     # NCCL gathers CUDA tensors only; gloo takes CPU tensors.
-    gathered = gather_rows(torch.from_numpy(rows).to(device if dist.get_backend() == "nccl" else "cpu"))
-    return gathered.cpu().numpy()
+    gathered = gather_rows(torch.from_numpy(moved).to(device if dist.get_backend() == "nccl" else "cpu"))
+    return np.moveaxis(gathered.cpu().numpy(), 0, image_axis)
 
 
 def rng_states(launch: Launch, state: Any) -> list[Any]:

@@ -228,11 +228,11 @@ def round_chance(n_images: int) -> dict[str, float]:
 
 def format_round_table(metrics: dict[str, list[dict[str, float]]], chance: dict[str, float] | None = None) -> str:
     """The per-round table: one row per round (R@1, R@5, R@10, mean rank), optionally a chance row."""
-    header = f"{'round':>5} | {'R@1':>6} {'R@5':>6} {'R@10':>6} {'meanr':>8}"
+    header = f"{'round':>6} | {'R@1':>6} {'R@5':>6} {'R@10':>6} {'meanr':>8}"
     lines = [header, "-" * len(header)]
     for row in metrics["rounds"]:
-        lines.append(f"{row['round']:>5} | {row['r1']:6.1f} {row['r5']:6.1f} {row['r10']:6.1f} {row['meanr']:8.1f}")
+        lines.append(f"{row['round']:>6} | {row['r1']:6.1f} {row['r5']:6.1f} {row['r10']:6.1f} {row['meanr']:8.1f}")
     if chance is not None:
-        lines.append(f"{'chance':>5} | {chance['r1']:6.1f} {chance['r5']:6.1f} {chance['r10']:6.1f} "
+        lines.append(f"{'chance':>6} | {chance['r1']:6.1f} {chance['r5']:6.1f} {chance['r10']:6.1f} "
                      f"{chance['meanr']:8.1f}")
     return "\n".join(lines)

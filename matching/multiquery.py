@@ -51,7 +51,6 @@ Where the paper and HMRN's code are silent or disagree (each other option is a c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -312,40 +311,37 @@ def info_nce(scores: Tensor, tau: float) -> Tensor:
 
     −(1/B) Σ_i [log softmax_j(τ S)_ii over row i + log softmax over column i], HMRN's form.
     """
-    logits = tau * scores
-    rows = torch.log_softmax(logits, dim=1).diagonal().sum()
-    cols = torch.log_softmax(logits, dim=0).diagonal().sum()
-    return -(rows + cols) / len(scores)
+    return info_nce_part(scores, scores, 0, len(scores), tau)
+
+
+def info_nce_part(rows: Tensor, cols: Tensor, offset: int, total: int, tau: float) -> Tensor:
+    """One process's share of InfoNCE over a global (G, G) matrix (torchrun; `info_nce` when alone).
+
+    rows (b, G): this process's b images against all G query sets; cols (G, b): all images
+    against its b sets; `offset` is the global index of its first pair. Summed over the
+    processes, the shares give `info_nce` of the whole matrix.
+    """
+    own = torch.arange(rows.shape[0], device=rows.device)
+    image_terms = torch.log_softmax(tau * rows, dim=1)[own, offset + own].sum()
+    set_terms = torch.log_softmax(tau * cols, dim=0)[offset + own, own].sum()
+    return -(image_terms + set_terms) / total
 
 
 def multiquery_loss(sims: MultiQuerySimilarities, *, tau: float, local_weight: float,
                     reasoning_weight: float) -> Tensor:
     """α · mean over rounds of InfoNCE(local_r) + β · InfoNCE(reasoning) + (1 − α − β) · InfoNCE(global)."""
-    local = torch.stack([info_nce(sims.local[:, :, r], tau) for r in range(sims.local.shape[2])]).mean()
-    return (local_weight * local + reasoning_weight * info_nce(sims.reasoning, tau)
-            + (1.0 - local_weight - reasoning_weight) * info_nce(sims.glob, tau))
+    return multiquery_loss_part(sims, sims, 0, len(sims.glob), tau=tau, local_weight=local_weight,
+                                reasoning_weight=reasoning_weight)
 
 
-def train_step(model: HMRN, optimizer: torch.optim.Optimizer, batch: Any, config: MultiQueryConfig, *,
-               grad_clip: float = 2.0, device: torch.device | str = "cpu") -> tuple[float, float]:
-    """One optimizer step on a `QuerySetBatch`: (loss, std of the last round's local scores).
-
-    The spread is for collapse detection: a model that scores every pair alike has
-    a spread near zero.
-    """
-    batch = batch.to(device)
-    optimizer.zero_grad(set_to_none=True)
-    sims = model(batch.features, batch.num_boxes, batch.tokens, batch.lengths)
-    loss = multiquery_loss(sims, tau=config.tau, local_weight=config.local_weight,
-                           reasoning_weight=config.reasoning_weight)
-    loss.backward()
-    if grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"the loss became {value}; lower the learning rate")
-    return value, float(sims.local[:, :, -1].detach().std())
+def multiquery_loss_part(rows: MultiQuerySimilarities, cols: MultiQuerySimilarities, offset: int, total: int, *,
+                         tau: float, local_weight: float, reasoning_weight: float) -> Tensor:
+    """`multiquery_loss`'s share of one process holding the rows and columns of its pairs (`info_nce_part`)."""
+    rounds = rows.local.shape[2]
+    local = torch.stack([info_nce_part(rows.local[:, :, r], cols.local[:, :, r], offset, total, tau)
+                         for r in range(rounds)]).mean()
+    return (local_weight * local + reasoning_weight * info_nce_part(rows.reasoning, cols.reasoning, offset, total, tau)
+            + (1.0 - local_weight - reasoning_weight) * info_nce_part(rows.glob, cols.glob, offset, total, tau))
 
 
 # --------------------------------------------------------------------------- scoring many sets

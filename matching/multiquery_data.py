@@ -335,20 +335,24 @@ def build_query_data(sets: Sequence[QuerySet], available: Sequence[str], vocab: 
     Raises QueryFormatError naming the line of a set whose image has no features or
     that has fewer than `max_turns` queries.
     """
+    image_ids = set_images(sets, available, max_turns)
+    return QuerySetData(image_ids, [[vocab.encode(q) for q in item.queries] for item in sets],
+                        [item.queries for item in sets])
+
+
+def set_images(sets: Sequence[QuerySet], available: Sequence[str], max_turns: int) -> list[str]:
+    """The feature id of each set's image; QueryFormatError naming the line of a set whose image has no
+    features or that has fewer than `max_turns` queries."""
     if not sets:
         raise QueryFormatError("no query sets in the requested split")
     resolved = resolve_image_ids([s.image_id for s in sets], available)
-    image_ids, queries, texts = [], [], []
     for item in sets:
         if item.image_id not in resolved:
             raise QueryFormatError(f"{item.where}: image {item.image_id!r} has no features")
         if len(item.queries) < max_turns:
             raise QueryFormatError(f"{item.where}: image {item.image_id!r} has {len(item.queries)} queries; "
                                    f"{max_turns} rounds need {max_turns}")
-        image_ids.append(resolved[item.image_id])
-        queries.append([vocab.encode(q) for q in item.queries])
-        texts.append(item.queries)
-    return QuerySetData(image_ids, queries, texts)
+    return [resolved[item.image_id] for item in sets]
 
 
 class MultiQueryDataset(Dataset):

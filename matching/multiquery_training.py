@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -30,9 +29,9 @@ from torch import Tensor, nn
 from extract.runtime import Launch
 from extract.shards import FeatureStore
 from matching.config import Config
-from matching.distributed import gather_embedded, gather_rows
+from matching.distributed import gather_embedded, gather_rows, images_split_among_ranks
 from matching.evaluation import round_metrics
-from matching.multiquery import HMRN, MultiQuerySimilarities, build_hmrn, score_rounds
+from matching.multiquery import HMRN, MultiQuerySimilarities, build_hmrn, multiquery_loss_part, score_rounds
 from matching.multiquery_data import (
     MultiQueryDataset,
     QuerySetBatch,
@@ -42,33 +41,9 @@ from matching.multiquery_data import (
     read_query_sets,
     read_query_split,
 )
-from matching.scoring import SlicedImages, StoreImages
+from matching.scoring import StoreImages
 from matching.tasks import TrainingData
 from matching.text import Vocabulary
-
-
-def info_nce_part(rows: Tensor, cols: Tensor, offset: int, total: int, tau: float) -> Tensor:
-    """This process's share of InfoNCE over the global (G, G) matrix whose diagonal holds the positives.
-
-    rows (b, G): this process's b images against all G query sets; cols (G, b): all images
-    against its b sets; `offset` is the global index of its first pair. Summed over the
-    processes, the shares give `matching.multiquery.info_nce` of the whole matrix.
-    """
-    own = torch.arange(rows.shape[0], device=rows.device)
-    image_terms = torch.log_softmax(tau * rows, dim=1)[own, offset + own].sum()
-    set_terms = torch.log_softmax(tau * cols, dim=0)[offset + own, own].sum()
-    return -(image_terms + set_terms) / total
-
-
-def loss_part(rows: MultiQuerySimilarities, cols: MultiQuerySimilarities, offset: int, total: int,
-              config: Any) -> Tensor:
-    """HMRN's loss (local rounds averaged, reasoning, global) on this process's rows and columns."""
-    rounds = rows.local.shape[2]
-    local = torch.stack([info_nce_part(rows.local[:, :, r], cols.local[:, :, r], offset, total, config.tau)
-                         for r in range(rounds)]).mean()
-    return (config.local_weight * local
-            + config.reasoning_weight * info_nce_part(rows.reasoning, cols.reasoning, offset, total, config.tau)
-            + config.global_weight * info_nce_part(rows.glob, cols.glob, offset, total, config.tau))
 
 
 class GlobalBatchSimilarities(nn.Module):
@@ -139,14 +114,14 @@ class MultiQueryTask:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             if ddp is None:
                 sims = model(batch.features, batch.num_boxes, batch.tokens, batch.lengths)
-                loss = loss_part(sims, sims, 0, len(batch.num_boxes), config.model)
+                loss = multiquery_loss_part(sims, sims, 0, len(batch.num_boxes), **_loss_weights(config))
                 total = loss.detach()
                 spread = sims.local[:, :, -1]
             else:
                 rows, cols = ddp(batch.features, batch.num_boxes, batch.tokens, batch.lengths)
                 sizes = gather_rows(batch.num_boxes.new_tensor([len(batch.num_boxes)]))  # (world,)
                 offset = int(sizes[: dist.get_rank()].sum())
-                loss = loss_part(rows, cols, offset, int(sizes.sum()), config.model)
+                loss = multiquery_loss_part(rows, cols, offset, int(sizes.sum()), **_loss_weights(config))
                 total = loss.detach().clone()
                 dist.all_reduce(total)
                 loss = loss * dist.get_world_size()  # DDP averages gradients; the global loss is the sum
@@ -164,17 +139,10 @@ class MultiQueryTask:
                  launch: Launch) -> dict[str, float]:
         """Per-round metrics on the validation sets; under torchrun the images are shared among the ranks."""
         image_ids, query_sets = data.validation
-        images = StoreImages(data.store, image_ids)
         turns = config.model.max_turns
-        if launch.distributed:
-            bounds = np.linspace(0, len(images), launch.world_size + 1).astype(int)
-            share = SlicedImages(images, int(bounds[launch.rank]), int(bounds[launch.rank + 1]))
-            part = score_rounds(model, share, query_sets, rounds=turns, device=device)  # (R, Q, n_rank)
-            moved = torch.from_numpy(np.ascontiguousarray(part.transpose(2, 0, 1)))  # (n_rank, R, Q)
-            gathered = gather_rows(moved.to(device if dist.get_backend() == "nccl" else "cpu"))
-            scores = gathered.cpu().numpy().transpose(1, 2, 0)  # (R, Q, N)
-        else:
-            scores = score_rounds(model, images, query_sets, rounds=turns, device=device)
+        scores = images_split_among_ranks(  # (R, Q, N)
+            lambda share: score_rounds(model, share, query_sets, rounds=turns, device=device),
+            StoreImages(data.store, image_ids), launch, device, image_axis=2)
         rounds = round_metrics(scores)["rounds"]
         first, last = rounds[0], rounds[-1]
         return {"first_r1": first["r1"], "last_r1": last["r1"], "last_r5": last["r5"], "last_r10": last["r10"],
@@ -193,3 +161,8 @@ class MultiQueryTask:
         return (f"warning: training has collapsed: every image scores the same against every query set "
                 f"(spread {spread:.1e}, batch of {batch_size}); lower --lr, or check that the queries "
                 "describe their images (tshsr-pipe search on a few training sets)")
+
+
+def _loss_weights(config: Config) -> dict[str, float]:
+    model = config.model
+    return {"tau": model.tau, "local_weight": model.local_weight, "reasoning_weight": model.reasoning_weight}

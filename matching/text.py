@@ -106,19 +106,3 @@ class Vocabulary:
             raise VocabularyError(f"{path}: unreadable vocabulary ({error})") from None
         return cls.from_json(payload, str(path))
 
-
-def build_vocabulary(captions: str | os.PathLike, out: str | os.PathLike, *,
-                     splits: Sequence[str] = ("train", "val"), threshold: int = 4) -> tuple[Vocabulary, int]:
-    """Count the words of the `splits` captions of a caption file and write `out` (SGRAF's layout).
-
-    Returns (the vocabulary, how many captions were counted). A split the file does not
-    have is a CaptionFormatError naming the splits it has.
-    """
-    from matching.captions import read_split
-
-    if threshold < 1:
-        raise VocabularyError(f"the threshold must be at least 1, not {threshold}")
-    selected = read_split(captions, list(splits), "the vocabulary")
-    built = Vocabulary.build((c.text for c in selected), threshold)
-    built.save(out)
-    return built, len(selected)

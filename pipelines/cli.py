@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from extract.runtime import DEVICE_CHOICES
-from matching.config import PRESETS, VARIANTS, ModelConfig, TrainConfig
+from matching.config import PRESETS, TASKS, VARIANTS, ModelConfig, MultiQueryConfig, TrainConfig
 from matching.evaluation import PROTOCOLS
 from matching.precomp import SPLITS as PRECOMP_SPLITS
 from pipelines.errors import UserError, user_errors
@@ -43,15 +43,16 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--checkpoint", "checkpoints", type=EXISTING_FILE, multiple=True,
+@click.option("--checkpoint", "--ensemble", "checkpoints", type=EXISTING_FILE, multiple=True,
               help="A tshsr-pipe checkpoint (from train or import-sgraf); repeat it to ensemble several "
-                   "(their score matrices are averaged).")
+                   "(their score matrices are averaged), e.g. HMRN's i2t and t2i models.")
 @click.option("--sims", "sims_files", type=EXISTING_FILE, multiple=True,
               help="A score matrix saved by --save-sims for the same split, averaged with the others "
                    "(e.g. SGRAF's SAF+SGR ensemble); repeat for several.")
 @click.option("--features", type=EXISTING_DIR, required=True, help="Feature directory (shards + manifest.json).")
 @click.option("--captions", type=EXISTING_FILE, required=True,
-              help="Captions: Karpathy split JSON, TSV (image_id<TAB>caption[<TAB>split]) or JSONL.")
+              help="Captions: Karpathy split JSON, TSV (image_id<TAB>caption[<TAB>split]) or JSONL; for a "
+                   "multi-query checkpoint the multi-query JSONL (per-round metrics).")
 @click.option("--split", default="test", show_default=True,
               help="Split to evaluate; captions without a split always count.")
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="all", show_default=True,
@@ -74,9 +75,13 @@ def cli() -> None:
 def evaluate(checkpoints: tuple[Path, ...], sims_files: tuple[Path, ...], features: Path, captions: Path, split: str,
              protocol: str, captions_per_image: int, vocab_path: Path | None, device: str, batch_size: int,
              memory_budget: float | None, save_sims: Path | None, json_path: Path | None) -> None:
-    """Retrieval metrics (R@1/5/10, medr, meanr, rsum) of a checkpoint (or an ensemble) on a split."""
+    """Retrieval metrics of a checkpoint (or an ensemble) on a split.
+
+    Matching models: R@1/5/10, medr, meanr and rsum both ways under the standard protocols.
+    Multi-query models: R@1/5/10 and mean rank of the target image after each round, on every
+    image of the split.
+    """
     from extract.runtime import Launch
-    from matching.evaluation import format_table
     from matching.inference import evaluate_checkpoint, write_metrics, write_sims
 
     if not checkpoints and not sims_files:
@@ -88,9 +93,10 @@ def evaluate(checkpoints: tuple[Path, ...], sims_files: tuple[Path, ...], featur
     if not Launch.from_env().is_main:  # under torchrun, rank 0 reports
         return
     sources = len(outcome.sources)
-    click.echo(f"{len(outcome.image_ids)} images, {outcome.num_captions} captions ({split} split)"
+    what = "query sets" if outcome.task == "multi-query" else "captions"
+    click.echo(f"{len(outcome.image_ids)} images, {outcome.num_captions} {what} ({split} split)"
                + (f"; the mean of {sources} score matrices" if sources > 1 else ""))
-    click.echo(format_table(outcome.results))
+    click.echo(outcome.table())
     if save_sims:
         click.echo(f"scores written to {write_sims(save_sims, outcome.sims)}")
     if json_path:
@@ -125,15 +131,17 @@ def import_sgraf(sgraf_checkpoint: Path, vocab_path: Path, out: Path) -> None:
               help="Where to write vocab.json (SGRAF's layout).")
 @click.option("--threshold", default=4, show_default=True, type=click.IntRange(min=1),
               help="Keep words occurring at least this many times.")
-@click.option("--split", "splits", multiple=True, default=("train", "val"), show_default=True,
-              help="Splits whose captions are counted (repeat the option for several).")
+@click.option("--split", "splits", multiple=True,
+              help="Splits whose texts are counted (repeat the option for several) [default: train and val "
+                   "for captions, train for multi-query JSONL].")
 @user_errors
 def vocab(captions: Path, out: Path, threshold: int, splits: tuple[str, ...]) -> None:
-    """Build the vocabulary from the train (and val) captions of CAPTIONS."""
-    from matching.text import build_vocabulary
+    """Build the vocabulary from the train (and val) captions of CAPTIONS, or from the training
+    queries of a multi-query JSONL file."""
+    from matching.vocabulary import build_vocabulary
 
-    built, counted = build_vocabulary(captions, out, splits=splits, threshold=threshold)
-    click.echo(f"{len(built)} words (threshold {threshold}, {counted} captions) written to {out}")
+    built, counted = build_vocabulary(captions, out, splits=splits or None, threshold=threshold)
+    click.echo(f"{len(built)} words (threshold {threshold}, {counted} texts) written to {out}")
 
 
 @cli.command("import-precomp")
@@ -169,10 +177,68 @@ def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_
     click.echo(f"features in {out}, captions in {out / CAPTIONS_FILE}")
 
 
+@cli.command("import-vg")
+@click.argument("regions", type=click.Path(exists=True, path_type=Path))
+@click.option("--splits-dir", type=EXISTING_DIR, required=True,
+              help="The directory of DrillDown's split lists vg_train.txt, vg_val.txt, vg_test.txt.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The multi-query JSONL file to write (image_id, split, queries).")
+@click.option("--max-turns", default=MultiQueryConfig().max_turns, show_default=True, type=click.IntRange(min=1),
+              help="Images with fewer distinct region phrases are dropped (HMRN: 10).")
+@user_errors
+def import_vg(regions: Path, splits_dir: Path, out: Path, max_turns: int) -> None:
+    """Visual Genome region descriptions → multi-query JSONL, with DrillDown's split (HMRN's data).
+
+    REGIONS is DrillDown's rg_jsons/ directory (one region-graph JSON per image) or Visual
+    Genome's region_descriptions.json. Phrases are lower-cased, exact duplicates dropped,
+    and images with fewer than --max-turns phrases left out; the counts are printed.
+    """
+    from matching.multiquery_data import import_vg_queries
+
+    counts = import_vg_queries(regions, splits_dir, out, max_turns=max_turns)
+    click.echo(counts.summary())
+    click.echo(f"query sets written to {out}")
+
+
+@cli.command("import-drilldown")
+@click.argument("region_dir", type=EXISTING_DIR)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Feature directory to write (shards + manifest.json); a rerun continues.")
+@click.option("--queries", type=EXISTING_FILE, help="Import only the images of this multi-query JSONL file.")
+@click.option("--max-boxes", default=ModelConfig().num_regions, show_default=True, type=click.IntRange(min=1),
+              help="Regions per image in the shards (DrillDown: 36).")
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per shard.")
+@click.option("--float32", "float32", is_flag=True, help="Keep float32 features (default float16).")
+@user_errors
+def import_drilldown(region_dir: Path, out: Path, queries: Path | None, max_boxes: int, shard_size: int,
+                     float32: bool) -> None:
+    """DrillDown's region_36_final feature pickles → feature shards.
+
+    The pickles are read with a restricted unpickler that admits only numpy arrays and plain
+    containers, so a tampered file cannot run code.
+    """
+    from extract.drilldown import import_drilldown_features
+    from extract.runtime import progress_bar
+    from matching.multiquery_data import read_query_sets
+
+    wanted = [item.image_id for item in read_query_sets(queries)] if queries else None
+    with progress_bar(None, "importing", "img") as bar:
+        done = import_drilldown_features(region_dir, out, image_ids=wanted, max_boxes=max_boxes,
+                                         shard_size=shard_size, dtype="float32" if float32 else "float16",
+                                         on_images=bar.update)
+    click.echo(f"{done.written} images written, {done.skipped} already there; {done.max_boxes} × "
+               f"{done.feature_dim} features in {out}")
+
+
 @cli.command()
+@click.option("--task", type=click.Choice(TASKS),
+              help="matching: one caption ↔ one image (TSHSR, SGR); multi-query: several region queries given in "
+                   "rounds → one image (HMRN, with its recipe as defaults) [default: matching; a resumed run "
+                   "keeps its own].")
 @click.option("--features", type=EXISTING_DIR, required=True, help="Feature directory (shards + manifest.json).")
 @click.option("--captions", type=EXISTING_FILE, required=True,
-              help="Captions with their splits: Karpathy JSON, TSV or JSONL.")
+              help="Captions with their splits: Karpathy JSON, TSV or JSONL; for --task multi-query the "
+                   "multi-query JSONL (image_id, split, queries).")
 @click.option("--vocab", "vocab_path", type=EXISTING_FILE, required=True, help="vocab.json from `tshsr-pipe vocab`.")
 @click.option("--name", help="Run name: the run goes to RUNS/NAME [default: the variant and the time].")
 @click.option("--runs", "runs_dir", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
@@ -185,9 +251,9 @@ def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_
               help="Start from this checkpoint's model config and weights (fine-tuning); a new run.")
 @click.option("--config", "config_file", type=EXISTING_FILE, help="YAML file with model: and train: sections.")
 @click.option("--preset", type=click.Choice(list(PRESETS)),
-              help="The paper's schedule: " + "; ".join(
+              help="A published schedule: " + "; ".join(
                   f"{name} = {values['epochs']} epochs, decay at {values['lr_decay_epoch']}"
-                  for name, values in PRESETS.items()) + ".")
+                  for name, values in PRESETS.items()) + " (hmrn: lr 4e-4, the multi-query default).")
 @click.option("--variant", type=click.Choice(list(VARIANTS)),
               help="Model of the paper's tables [default: tshsr]; see README 'Variants'.")
 @click.option("--epochs", type=click.IntRange(min=1), help=f"[default: {TRAIN.epochs}]")
@@ -220,7 +286,8 @@ def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_
 @click.option("--val-split", default="val", show_default=True, help="Split validated after each epoch ('' = none).")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many steps, saving a checkpoint.")
 @user_errors
-def train(features: Path, captions: Path, vocab_path: Path, name: str | None, runs_dir: Path, resume: bool,
+def train(task: str | None, features: Path, captions: Path, vocab_path: Path, name: str | None, runs_dir: Path,
+          resume: bool,
           overwrite: bool, init_from: Path | None, config_file: Path | None, preset: str | None, variant: str | None,
           epochs: int | None, batch_size: int | None, lr: float | None, embed_size: int | None, sim_dim: int | None,
           word_dim: int | None, steps: int | None, warmup_epochs: int | None, length_buckets: bool | None,
@@ -242,6 +309,9 @@ def train(features: Path, captions: Path, vocab_path: Path, name: str | None, ru
 
     if resume and not name:
         raise UserError("--resume needs --name (the run to continue)")
+    if variant and task == "multi-query":
+        raise UserError(f"--variant {variant} names a matching model; set the multi-query model's fields with "
+                        "--set model.FIELD=VALUE")
     requested = requested_settings(
         preset=preset, config_file=str(config_file) if config_file else None, variant=variant, sets=sets,
         overrides={"train.epochs": epochs, "train.batch_size": batch_size, "train.learning_rate": lr,
@@ -250,9 +320,12 @@ def train(features: Path, captions: Path, vocab_path: Path, name: str | None, ru
                    "train.length_buckets": length_buckets, "train.seed": seed, "train.workers": workers,
                    "train.log_every": log_every, "train.features_in_memory": in_memory,
                    "train.mixed_precision": mixed_precision, "train.allow_tf32": tf32})
-    config = apply_settings(Config(), requested)
+    config = apply_settings(Config.default(task or "matching"), requested)
+    if task:
+        requested["task"] = task  # a resumed run of another task is refused
+    prefix = variant or ("hmrn" if task == "multi-query" else "tshsr")
     result = run_training(config, features=features, captions=captions, vocab_path=vocab_path,
-                          run_dir=runs_dir / (name or new_run_name(variant or "tshsr")), resume=resume,
+                          run_dir=runs_dir / (name or new_run_name(prefix)), resume=resume,
                           overwrite=overwrite, init_from=init_from, requested=requested, device=device,
                           train_split=train_split, val_split=val_split or None, max_steps=max_steps,
                           log=click.echo)
@@ -261,7 +334,7 @@ def train(features: Path, captions: Path, vocab_path: Path, name: str | None, ru
 
 
 @cli.command()
-@click.argument("query", required=False)
+@click.argument("queries", nargs=-1)
 @click.option("--checkpoint", "checkpoint_path", type=EXISTING_FILE, required=True, help="A tshsr-pipe checkpoint.")
 @click.option("--features", type=EXISTING_DIR, required=True, help="The gallery's feature directory.")
 @click.option("-k", "top_k", default=10, show_default=True, type=click.IntRange(min=1), help="How many results.")
@@ -279,20 +352,24 @@ def train(features: Path, captions: Path, vocab_path: Path, name: str | None, ru
 @click.option("--rebuild-index", is_flag=True, help="Encode the gallery again into --index.")
 @device_option
 @user_errors
-def search(query: str | None, checkpoint_path: Path, features: Path, top_k: int, image_id: str | None,
+def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_k: int, image_id: str | None,
            captions: Path | None, split: str | None, images_dir: Path | None, html_path: Path | None,
            index_path: Path | None, rebuild_index: bool, device: str) -> None:
     """Rank the gallery's images for a text QUERY, or captions for an --image.
 
+    A multi-query checkpoint takes several QUERIES, given in rounds: the images are ranked
+    after the last one, and each hit shows its rank after every round.
+
     \b
       tshsr-pipe search --checkpoint runs/coco/model_best.pt --features features/ "a man riding a horse"
       tshsr-pipe search --checkpoint ... --features ... --image COCO_val2014_000000391895.jpg --captions c.json
+      tshsr-pipe search --checkpoint runs/hmrn/model_best.pt --features vg/ "a red car" "a man with an umbrella"
     """
     from matching.inference import search as run_search
     from pipelines.search_page import write_search_page
 
-    found = run_search(checkpoint_path, features, query=query, image_id=image_id, captions=captions, split=split,
-                       k=top_k, index_path=index_path, rebuild_index=rebuild_index,
+    found = run_search(checkpoint_path, features, query=list(queries), image_id=image_id, captions=captions,
+                       split=split, k=top_k, index_path=index_path, rebuild_index=rebuild_index,
                        with_regions=html_path is not None, device=device)
     if found.index_built:
         click.echo(f"index of {found.gallery_size} images written to {index_path}")
@@ -300,7 +377,8 @@ def search(query: str | None, checkpoint_path: Path, features: Path, top_k: int,
         click.echo("note: not in the model's vocabulary, ignored: " + ", ".join(repr(w) for w in found.ignored_words))
     for hit in found.hits:
         mark = ("✓ " if hit.matches_query_image else "  ") if found.mode == "image" else ""
-        click.echo(f"{hit.rank:>3}. {hit.score:.4f}  {mark}{hit.item}")
+        moves = f"  (rank by round: {' → '.join(map(str, hit.round_ranks))})" if hit.round_ranks else ""
+        click.echo(f"{hit.rank:>3}. {hit.score:.4f}  {mark}{hit.item}{moves}")
     if html_path:
         write_search_page(html_path, query=found.query, hits=found.hits, mode=found.mode, images_dir=images_dir,
                           checkpoint=str(checkpoint_path))
@@ -357,26 +435,41 @@ def run_command(pipeline_file: Path | None, workdir: str | None, images: str | N
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="tshsr-demo", show_default=True,
               help="Where the demo's data, features, model and metrics go (reused by a second run).")
+@click.option("--task", type=click.Choice(TASKS), default="matching", show_default=True,
+              help="matching: captions ↔ images (TSHSR); multi-query: one query per object, given in rounds, "
+                   "find the scene (HMRN; its features are always made directly).")
 @click.option("--fast", is_flag=True, help="Make region features directly instead of rendering images and "
                                            "running the detector (seconds instead of minutes).")
-@click.option("--images", "num_images", default=300, show_default=True, type=click.IntRange(min=30),
-              help="Scenes to generate (80% train, 10% val, 10% test).")
+@click.option("--images", "num_images", type=click.IntRange(min=30),
+              help="Scenes to generate (80% train, 10% val, 10% test) [default: 300; multi-query 400].")
 @click.option("--seed", default=0, show_default=True)
 @device_option
 @user_errors
-def demo(out: Path, fast: bool, num_images: int, seed: int, device: str) -> None:
+def demo(out: Path, task: str, fast: bool, num_images: int | None, seed: int, device: str) -> None:
     """The whole chain on a synthetic world of coloured shapes, with metrics beside chance level.
 
     Scenes of one to three coloured shapes are rendered with captions that name
     them; the images go through the real extractor (random weights: no weights are
     downloaded), then vocab, training and evaluation run as `tshsr-pipe run` would.
+    With --task multi-query, scenes of four shapes are described one shape per round
+    and the table shows how the rank of the right scene rises with the rounds.
     """
     import time
 
-    from pipelines.demo import format_against_chance, run_demo
+    from pipelines.demo import format_against_chance, run_demo, run_multiquery_demo
 
     started = time.time()
-    outcome = run_demo(out, pixels=not fast, images=num_images, seed=seed, device=device, log=click.echo)
+    if task == "multi-query":
+        from matching.evaluation import format_round_table
+
+        outcome = run_multiquery_demo(out, images=num_images or 400, seed=seed, device=device, log=click.echo)
+        click.echo(f"\ntest set: {outcome['test_images']} scenes, one query per object, rounds 1…4")
+        click.echo(format_round_table(outcome["results"], outcome["chance"]))
+        click.echo(f"done in {time.time() - started:.0f} s; everything is in {out} (try: tshsr-pipe search "
+                   f"--checkpoint {outcome['checkpoint']} --features {outcome['features']} \"a red circle\" "
+                   "\"a blue star\")")
+        return
+    outcome = run_demo(out, pixels=not fast, images=num_images or 300, seed=seed, device=device, log=click.echo)
     click.echo(f"\ntest set: {outcome['test_images']} images × 5 captions "
                f"({'features made directly' if fast else 'rendered images through the extractor'})")
     click.echo(format_against_chance(outcome["results"], outcome["chance"]))

@@ -269,7 +269,7 @@ def _extract(spec: PipelineSpec, forced: set[str], log: Callable[[str], None], p
 
 
 def _vocab(spec: PipelineSpec, records: StageRecords, forced: set[str], log: Callable[[str], None]) -> None:
-    from matching.text import build_vocabulary
+    from matching.vocabulary import build_vocabulary
 
     settings = spec.vocab_settings()
     record = StageRecords.make(settings, {"captions": _file(spec.captions)})

@@ -54,6 +54,8 @@ def write_search_page(path: str | os.PathLike, *, query: str, hits: Sequence[Hit
     if mode == "text":
         for hit in hits:
             caption = f"#{hit.rank} · {hit.score:.4f} · {html.escape(hit.item)}"
+            if hit.round_ranks:  # a multi-query search: the image's rank after each round
+                caption += f" · rank by round {' → '.join(map(str, hit.round_ranks))}"
             rows.append(f'<figure>{_figure(images, hit.image_id, hit.regions)}<figcaption>{caption}</figcaption>'
                         "</figure>")
         header = f"<h1>“{html.escape(query)}”</h1><p>The top {len(hits)} images; boxes: the regions the " \

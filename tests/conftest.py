@@ -104,3 +104,12 @@ def trained_toy(toy, tmp_path_factory):
     result = train(toy_config(epochs=4, warmup_epochs=4), features=features, captions=captions, vocab_path=vocab,
                    run_dir=run, progress=False, log=lambda line: None)
     return features, captions, vocab, run / "model_best.pt", result
+
+
+@pytest.fixture(scope="session")
+def trained_multiquery(tmp_path_factory):
+    """The multi-query demo's trained HMRN (400 generated scenes, 8 epochs, ~40 s): run_multiquery_demo's outcome."""
+    from pipelines.demo import run_multiquery_demo
+
+    return run_multiquery_demo(tmp_path_factory.mktemp("mq") / "demo", device="cpu", log=lambda line: None,
+                               progress=False)
