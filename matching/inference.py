@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from extract.safeio import atomic_write_with, write_json
+from extract.safeio import atomic_write, write_json
 from extract.shards import FeatureStore, ShardFormatError
 from matching import checkpoint
 from matching.captions import evaluation_set, read_captions, read_split, resolve_image_ids
@@ -60,11 +60,9 @@ def write_metrics(path: str | os.PathLike, result: EvaluationResult, **context: 
 
 def write_sims(path: str | os.PathLike, sims: np.ndarray) -> Path:
     """Save a score matrix as .npy, atomically (a full disk leaves no 0-byte file)."""
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.save(handle, sims)
-
-    return atomic_write_with(path, save)
+    with atomic_write(path) as handle:
+        np.save(handle, sims)
+    return Path(path)
 
 
 def check_features(store: FeatureStore, img_dim: int, num_regions: int, checkpoint_path: object = "the model") -> None:

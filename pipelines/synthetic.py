@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.safeio import atomic_write
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
            "purple": (140, 60, 170), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
@@ -91,7 +93,7 @@ def write_captions(path: str | os.PathLike, scenes: list[Scene], seed: int = 0, 
     rng = np.random.default_rng(seed + 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
+    with atomic_write(path, "w", encoding="utf-8") as handle:
         for scene in scenes:
             for text in scene.captions(rng, per_image):
                 handle.write(json.dumps({"image_id": scene.image_id, "caption": text, "split": scene.split}) + "\n")
