@@ -50,7 +50,7 @@ function frame(hit) {
   const svg = document.createElementNS(SVG, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("preserveAspectRatio", "none");
-  const fontSize = Math.max(width, height) / 12;
+  const fontSize = Math.max(width, height) / 16;
   hit.regions.forEach((region, i) => {
     const [x1, y1, x2, y2] = region.box;
     const colour = COLOURS[i % COLOURS.length];
@@ -63,7 +63,7 @@ function frame(hit) {
     rect.setAttribute("class", "region");
     const label = document.createElementNS(SVG, "text");
     label.setAttribute("x", String(x1 + fontSize * 0.2));
-    label.setAttribute("y", String(y1 + fontSize * (1 + 0.9 * i)));
+    label.setAttribute("y", String(y1 + fontSize * (1 + 1.2 * i)));
     label.setAttribute("font-size", String(fontSize));
     label.setAttribute("fill", colour);
     label.textContent = `${Math.round(100 * region.weight)}%`;
