@@ -237,6 +237,7 @@ class SearchEngine:
         # one query: keep the float32 score itself, so search_queries([q]) is search_text(q) exactly
         final = found.scores[:, 0] if len(queries) == 1 else rounds[:, -1].astype(np.float32)
         order = np.argsort(-final, kind="stable")[:k]
+        # the regions shown are those the latest query attends to: what the last round added
         hits = self._image_hits(found.index[order], final[order], encoded[-1][0])
         for hit, row in zip(hits, order, strict=True):
             hit.rank_by_round = ranks[row].tolist()

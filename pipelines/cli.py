@@ -400,7 +400,7 @@ cli.add_command(extract)
 @click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Search index: the gallery encoded once by the model (built here on first use).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @device_option
 @user_errors
 def serve(checkpoint_path: Path, features: Path, captions: Path | None, split: str | None, images_dir: Path | None,

@@ -11,16 +11,14 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi", reason="serve needs fastapi (pip install -e '.[test]')")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from matching.captions import group_by_image, read_captions  # noqa: E402
-from matching.inference import search  # noqa: E402
-from matching.service import SearchEngine  # noqa: E402
-from pipelines.serve.app import Limits, create_app  # noqa: E402
-from tests.conftest import TINY, random_images, tiny_config, tiny_model  # noqa: E402
-from tests.serve_helpers import free_port, start_server, stop_server  # noqa: E402
+from matching.captions import group_by_image, read_captions
+from matching.inference import search
+from matching.service import SearchEngine
+from pipelines.serve.app import Limits, create_app
+from tests.conftest import TINY, random_images, tiny_config, tiny_model
+from tests.serve_helpers import free_port, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
