@@ -10,13 +10,16 @@ model at the paper's sizes (d = 1024, m = 256, word_dim = 300, M = 3 reasoning l
 2. for each ranker in --rankers (today `exact`; a shortlist ranker registered in
    `matching.service.RANKERS` is one flag away: --rankers exact,shortlist): a real uvicorn
    server in a child process on 127.0.0.1, loaded by a bounded generator (--requests
-   requests, --concurrency at a time, nothing new after --time-cap seconds) with httpx.
+   requests at each --concurrency level, nothing new after --time-cap seconds) with httpx.
+   The model runs one request at a time, so above concurrency 1 a request's latency adds
+   the time it waits in the queue; requests/s is what the server sustains.
 
 Printed: p50/p95 latency, requests/s and the ratio of each served p50 to the baseline's.
+The machine's load average is recorded beside the figures (they drift on a shared machine).
 A JSON line (date, device, threads, sizes, figures) is appended to
 benchmarks/results/bench_serve.jsonl. Only loopback traffic; the child server is stopped.
 
-    python benchmarks/bench_serve.py [--images 5000] [--requests 16] [--concurrency 4] [--time-cap 240]
+    python benchmarks/bench_serve.py [--images 5000] [--requests 12] [--concurrency 1,4] [--time-cap 240]
 """
 
 from __future__ import annotations
@@ -89,18 +92,31 @@ def figures(latencies: list[float], wall: float, **extra) -> dict:
 
 
 def in_process(ckpt: Path, features: Path, queries: list[str], k: int, time_cap: float) -> tuple[dict, float]:
-    """Exact scoring of the whole gallery per query, called directly: (figures, start-up seconds)."""
+    """Exact scoring of the whole gallery per query, no HTTP: (figures, engine start-up seconds).
+
+    The calls run on the server's kind of worker thread, as served requests do: on this shared
+    machine torch's CPU kernels run measurably slower from the main thread than from another.
+    """
     from matching.service import SearchEngine
+    from pipelines.serve.worker import ModelWorker
 
     engine = SearchEngine.open(ckpt, features, device="cpu")
-    engine.search_text(queries[0], k)  # warm-up
-    latencies, started = [], time.perf_counter()
-    for query in queries:
-        if time.perf_counter() - started > time_cap:
-            break
+    worker = ModelWorker(1).start()
+
+    def timed(query: str) -> float:
         t0 = time.perf_counter()
         engine.search_text(query, k)
-        latencies.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    try:
+        worker.submit(timed, queries[0]).result()  # warm-up
+        latencies, started = [], time.perf_counter()
+        for query in queries:
+            if time.perf_counter() - started > time_cap:
+                break
+            latencies.append(worker.submit(timed, query).result())
+    finally:
+        worker.stop()
     return figures(latencies, time.perf_counter() - started, path="in-process exact", concurrency=1), \
         engine.info.start_seconds
 
@@ -141,15 +157,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def served(ckpt: Path, features: Path, ranker: str, queries: list[str], k: int, concurrency: int,
-           time_cap: float) -> dict:
-    """The figures of a real uvicorn server in a child process with `ranker`."""
+def served(ckpt: Path, features: Path, ranker: str, queries: list[str], k: int, levels: list[int],
+           time_cap: float) -> list[dict]:
+    """The figures of a real uvicorn server in a child process with `ranker`, at each concurrency level."""
     import httpx
 
     port = free_port()
     child = subprocess.Popen([sys.executable, __file__, "--serve-child", "--ranker", ranker, "--port", str(port),
                               "--checkpoint", str(ckpt), "--features", str(features),
-                              "--queue-size", str(max(32, 2 * concurrency))])
+                              "--queue-size", str(max(32, 2 * max(levels)))])
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -162,15 +178,15 @@ def served(ckpt: Path, features: Path, ranker: str, queries: list[str], k: int, 
                 if time.monotonic() > deadline:
                     raise SystemExit("the server did not start in 600 s") from None
                 time.sleep(0.5)
-        outcome = asyncio.run(load(port, queries, k, concurrency, time_cap))
+        outcomes = [(level, asyncio.run(load(port, queries, k, level, time_cap))) for level in levels]
     finally:
         child.send_signal(signal.SIGINT)
         try:
             child.wait(60)
         except subprocess.TimeoutExpired:
             child.kill()
-    row = figures(outcome["latencies"], outcome["wall"], path=f"served {ranker}", concurrency=concurrency)
-    return {**row, "failures": outcome["failures"]}
+    return [{**figures(outcome["latencies"], outcome["wall"], path=f"served {ranker}", concurrency=level),
+             "failures": outcome["failures"]} for level, outcome in outcomes]
 
 
 def serve_child(args: argparse.Namespace) -> None:
@@ -187,9 +203,9 @@ def serve_child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000, help="gallery size")
-    parser.add_argument("--requests", type=int, default=16, help="requests per served ranker")
+    parser.add_argument("--requests", type=int, default=12, help="requests per ranker and concurrency level")
     parser.add_argument("--baseline-queries", type=int, default=4, help="queries of the in-process baseline")
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", default="1,4", help="requests in flight; comma-separated levels")
     parser.add_argument("--time-cap", type=float, default=240, help="seconds per measurement, at most")
     parser.add_argument("-k", type=int, default=10, help="results per query")
     parser.add_argument("--rankers", default="exact", help="comma-separated names from matching.service.RANKERS")
@@ -210,6 +226,7 @@ def main() -> None:
     from matching.service import RANKERS
 
     rankers = [name.strip() for name in args.rankers.split(",") if name.strip()]
+    levels = [int(level) for level in args.concurrency.split(",")]
     unknown = [name for name in rankers if name not in RANKERS]
     if unknown:
         raise SystemExit(f"unknown ranker(s) {', '.join(unknown)}; registered: {', '.join(RANKERS)}")
@@ -221,7 +238,7 @@ def main() -> None:
     baseline, startup = in_process(ckpt, features, queries[:args.baseline_queries], args.k, args.time_cap)
     rows = [baseline]
     for ranker in rankers:
-        rows.append(served(ckpt, features, ranker, queries[:args.requests], args.k, args.concurrency, args.time_cap))
+        rows += served(ckpt, features, ranker, queries[:args.requests], args.k, levels, args.time_cap)
     print(f"\ntext → image, k = {args.k}, {args.images} images (engine start-up {startup:.1f} s: "
           "model loaded, gallery encoded)")
     print(f"{'path':<20} {'conc.':>5} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7} {'p50 / baseline':>15}")
@@ -234,7 +251,8 @@ def main() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": "cpu",
                   "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                  "threads": torch.get_num_threads(), "images": args.images, "k": args.k,
+                  "threads": torch.get_num_threads(), "load_average": [round(v, 1) for v in os.getloadavg()],
+                  "images": args.images, "k": args.k,
                   "sizes": SIZES, "engine_start_s": round(startup, 1), "rows": rows}
         with open(RESULTS, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
