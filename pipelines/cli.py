@@ -484,6 +484,41 @@ cli.add_command(extract)
 cli.add_command(verify)
 
 
+@cli.command()
+@click.option("--checkpoint", "checkpoint_path", type=EXISTING_FILE, required=True, help="A tshsr-pipe checkpoint.")
+@click.option("--features", type=EXISTING_DIR, required=True, help="The gallery's feature directory.")
+@click.option("--captions", type=EXISTING_FILE, help="Captions ranked for a clicked image; with --split, "
+                                                    "the gallery is that split's images.")
+@click.option("--split", help="Only this split of --captions.")
+@click.option("--images", "images_dir", type=EXISTING_DIR, help="Directory of the image files, for thumbnails.")
+@click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Search index: the gallery encoded once by the model (built here on first use).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@device_option
+@user_errors
+def serve(checkpoint_path: Path, features: Path, captions: Path | None, split: str | None, images_dir: Path | None,
+          index_path: Path | None, host: str, port: int, device: str) -> None:
+    """A search page and a JSON API over a model and its gallery, loaded once (Ctrl-C stops).
+
+    \b
+      tshsr-pipe serve --checkpoint runs/coco/model_best.pt --features features/ --images coco/images
+    """
+    import uvicorn
+
+    from pipelines.serve.app import build_app
+
+    app = build_app(checkpoint_path, features, captions=captions, split=split, images_dir=images_dir,
+                    index_path=index_path, device=device)
+    about = app.state.engine.info
+    if about.index_built:
+        click.echo(f"index of {about.gallery_size} images written to {index_path}")
+    click.echo(f"{about.gallery_size} images, {about.captions} captions, {about.ranker} scoring on {about.device} "
+               f"(ready in {about.start_seconds:.1f} s)")
+    click.echo(f"serving http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     cli(prog_name="tshsr-pipe")
 
