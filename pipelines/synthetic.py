@@ -101,12 +101,15 @@ def write_captions(path: str | os.PathLike, scenes: list[Scene], seed: int = 0, 
 
 
 def write_feature_dataset(out: str | os.PathLike, scenes: list[Scene], *, feature_dim: int = 64,
-                          max_boxes: int = 6, noise: float = 0.35, seed: int = 0) -> Path:
+                          max_boxes: int = 6, noise: float = 0.35, seed: int = 0, image_size: int = 64) -> Path:
     """Shards of synthetic region features for `scenes`: one region per object, the rest clutter.
 
     A region's feature is relu(colour prototype + shape prototype + noise), so
     a model must learn which words go with which directions; clutter regions
-    are noise. Returns the feature directory (with captions.jsonl beside the shards).
+    are noise. An object's box is where `render_scene` draws it in an image of
+    `image_size` pixels (so search pages draw the attended boxes on the shapes);
+    clutter boxes are random. Returns the feature directory (with captions.jsonl
+    beside the shards).
     """
     from extract.shards import RegionRecord, ShardWriter
 
@@ -122,9 +125,14 @@ def write_feature_dataset(out: str | os.PathLike, scenes: list[Scene], *, featur
         for row, obj in enumerate(scene.objects):
             features[row] = np.maximum(colour_proto[obj.colour] + shape_proto[obj.shape]
                                        + rng.normal(scale=noise, size=feature_dim), 0)
-        features = features[rng.permutation(k)].astype(np.float32)
-        boxes = np.tile(np.array([0, 0, 32, 32], np.float32), (k, 1))
-        writer.add(RegionRecord(scene.image_id, features, boxes, (64, 64)))
+        corners = rng.uniform(0, 0.7, size=(k, 2))
+        boxes = np.concatenate([corners, corners + rng.uniform(0.1, 0.3, size=(k, 2))], axis=1)  # clutter
+        for row, (cx, cy, radius) in enumerate(scene_layout(scene)):
+            boxes[row] = (cx - radius, cy - radius, cx + radius, cy + radius)
+        order = rng.permutation(k)
+        features = features[order].astype(np.float32)
+        boxes = (boxes[order] * image_size).astype(np.float32)
+        writer.add(RegionRecord(scene.image_id, features, boxes, (image_size, image_size)))
         if len(writer) == 500:
             writer.commit()
     writer.commit(settings={"source": "synthetic", "images": len(scenes)})
@@ -143,8 +151,27 @@ def _star(cx: float, cy: float, r: float, points: int = 5) -> list[tuple[float, 
              cy - (r if i % 2 == 0 else r * 0.45) * math.cos(math.pi * i / points)) for i in range(2 * points)]
 
 
+def scene_layout(scene: Scene) -> list[tuple[float, float, float]]:
+    """Where each object of a scene is drawn: (x, y, radius) as fractions of the image side.
+
+    Fixed by the scene alone (not by the size or the seed of a rendering), so the rendered
+    pixels and the boxes of the generated region features (`write_feature_dataset`) agree.
+    """
+    rng = np.random.default_rng([int(scene.image_id.split("_")[-1].split(".")[0]), 7])
+    used: list[tuple[float, float]] = []
+    layout = []
+    for obj in scene.objects:
+        cx, cy = PLACE_CENTRES[obj.place]
+        cx, cy = cx + rng.uniform(-0.08, 0.08), cy + rng.uniform(-0.08, 0.08)
+        while any(abs(cx - ux) < 0.12 and abs(cy - uy) < 0.12 for ux, uy in used):  # keep objects apart
+            cx, cy = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)
+        used.append((cx, cy))
+        layout.append((cx, cy, rng.uniform(0.09, 0.14)))
+    return layout
+
+
 def render_scene(scene: Scene, size: int = 192, seed: int = 0):
-    """The scene as a PIL image: each object drawn at (near) its place on a noisy light background."""
+    """The scene as a PIL image: each object drawn at its place (`scene_layout`) on a noisy light background."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng([seed, int(scene.image_id.split("_")[-1].split(".")[0])])
@@ -152,14 +179,8 @@ def render_scene(scene: Scene, size: int = 192, seed: int = 0):
     pixels = np.clip(rng.normal(background, 8, size=(size, size, 3)), 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
-    used: list[tuple[float, float]] = []
-    for obj in scene.objects:
-        cx, cy = PLACE_CENTRES[obj.place]
-        cx, cy = cx + rng.uniform(-0.08, 0.08), cy + rng.uniform(-0.08, 0.08)
-        while any(abs(cx - ux) < 0.12 and abs(cy - uy) < 0.12 for ux, uy in used):  # keep objects apart
-            cx, cy = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)
-        used.append((cx, cy))
-        x, y, r = cx * size, cy * size, size * rng.uniform(0.09, 0.14)
+    for obj, (cx, cy, radius) in zip(scene.objects, scene_layout(scene), strict=True):
+        x, y, r = cx * size, cy * size, radius * size
         colour = tuple(int(c) for c in np.clip(np.array(COLOURS[obj.colour]) + rng.normal(0, 10, 3), 0, 255))
         box = (x - r, y - r, x + r, y + r)
         if obj.shape == "circle":
