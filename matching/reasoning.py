@@ -1,7 +1,18 @@
 """Reasoning over similarity nodes: HSR (the paper, Eq. 4-6) and SGR (SGRAF, for Table IV).
 
-Both take nodes S (N, n, m) with a node mask (N, n) and return updated nodes
-of the same shape. Padded nodes never influence valid ones.
+Both take nodes S (N, n, m) with a node mask (N, n) (None: every node valid) and
+return updated nodes of the same shape. Padded nodes never influence valid ones.
+
+Only node 0 of the last layer is ever read out, so each layer also has
+`read_out`, which computes that one row. Both layers compute exactly their
+equations with fewer FLOPs, by associativity:
+
+- the query/key (φ/ψ) pair enters only through φ(s_a)·ψ(s_b) = (s_a A + c)·s_b + s_a·u + β
+  with A = W_φᵀ W_ψ: one m×m matrix instead of two projections. Under a row softmax the
+  row term s_a·u + β cancels; it is kept (one extra GEMM column) so that every parameter
+  gets its gradient, as in the unfolded layer (DDP needs every parameter used);
+- a projection after a product with the relation matrix is moved before it
+  (W(R S) = R (S Wᵀ) + (R 1) bᵀ), so consecutive projections fold into one matrix.
 """
 
 from __future__ import annotations
@@ -9,7 +20,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from matching.tensors import masked_softmax, xavier_init_
+from matching.tensors import xavier_init_
+
+
+def _fold(first: nn.Linear, second: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
+    """first(x)·second(y) = (x A + c)·y + x·u + β: ([A | u] (m, m+1), c (m,), β ()).
+
+    The products of weights are formed in float64 so folding adds no rounding of its own.
+    """
+    w1, b1 = first.weight.double(), first.bias.double()
+    w2, b2 = second.weight.double(), second.bias.double()
+    dtype = first.weight.dtype
+    return (torch.cat([w1.t() @ w2, (w1.t() @ b2).unsqueeze(1)], 1).to(dtype), (w2.t() @ b1).to(dtype),
+            (b1 @ b2).to(dtype))
+
+
+def _masked_softmax(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """Softmax over the last axis; `mask` (N, n) marks the valid columns (None: all valid)."""
+    if mask is not None:
+        logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    return torch.softmax(logits, dim=-1)
 
 
 class HSRLayer(nn.Module):
@@ -30,21 +60,52 @@ class HSRLayer(nn.Module):
         self.w_r = nn.Linear(sim_dim, sim_dim)
         xavier_init_(self)
 
-    def relation(self, nodes: Tensor, mask: Tensor) -> Tensor:
-        """The gated relation matrix R' (N, n, n), zero in every padded row and column."""
-        pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)  # (N, n, n)
-        relation = self.phi(nodes) @ self.psi(nodes).transpose(1, 2)  # (N, n, n)
-        if self.relation_norm == "softmax":
-            relation = masked_softmax(relation, mask.unsqueeze(1))
-        # Zeroing padded entries before the conv makes a padded matrix look like the
-        # conv's own zero padding around an unpadded one.
-        relation = relation * pair_mask
-        gate = torch.sigmoid(self.context(relation.unsqueeze(1)).squeeze(1))  # (N, n, n)
-        return relation * gate
+    def _folded(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """[A | u | B] (m, 2m+1), c (m,), β (), c_r (m,) with B = W_gᵀ W_rᵀ and c_r = W_r b_g."""
+        relation_w, relation_c, relation_b = _fold(self.phi, self.psi)
+        message_w = (self.w_g.weight.double().t() @ self.w_r.weight.double().t()).to(relation_w.dtype)
+        message_c = (self.w_r.weight.double() @ self.w_g.bias.double()).to(relation_w.dtype)
+        return torch.cat([relation_w, message_w], 1), relation_c, relation_b, message_c
 
-    def forward(self, nodes: Tensor, mask: Tensor) -> Tensor:
-        """nodes (N, n, m), mask (N, n) → nodes (N, n, m)."""
-        return nodes + self.w_r(self.relation(nodes, mask) @ self.w_g(nodes))
+    def _relation_rows(self, products: Tensor, c: Tensor, beta: Tensor, nodes: Tensor, mask: Tensor | None) -> Tensor:
+        """R for some rows: products = rows·[A | u] (N, r, m+1), nodes (N, n, m) → (N, r, n), zero where padded."""
+        m = nodes.shape[2]
+        relation = torch.baddbmm((products[..., m:] + beta), products[..., :m] + c, nodes.transpose(1, 2))
+        if self.relation_norm == "softmax":
+            relation = _masked_softmax(relation, mask)
+        if mask is not None:
+            # Zeroing padded entries before the conv makes a padded matrix look like the
+            # conv's own zero padding around an unpadded one.
+            relation = relation * (mask[:, : relation.shape[1], None] & mask[:, None, :])
+        return relation
+
+    def relation(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
+        """The gated relation matrix R' (N, n, n), zero in every padded row and column."""
+        folded, c, beta, _ = self._folded()
+        m = nodes.shape[2]
+        relation = self._relation_rows(nodes @ folded[:, : m + 1], c, beta, nodes, mask)
+        return relation * torch.sigmoid(self.context(relation.unsqueeze(1)).squeeze(1))
+
+    def forward(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
+        """nodes (N, n, m), mask (N, n) or None → nodes (N, n, m)."""
+        folded, c, beta, message_c = self._folded()
+        n, m = nodes.shape[1:]
+        products = (nodes.reshape(-1, m) @ folded).view(-1, n, 2 * m + 1)  # (N, n, 2m+1): [S A | S u | S B]
+        relation = self._relation_rows(products[..., : m + 1], c, beta, nodes, mask)
+        gated = relation * torch.sigmoid(self.context(relation.unsqueeze(1)).squeeze(1))  # (N, n, n)
+        messages = torch.baddbmm(gated.sum(2, keepdim=True) * message_c, gated, products[..., m + 1:])  # (N, n, m)
+        return nodes + messages + self.w_r.bias
+
+    def read_out(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
+        """Node 0 of `forward(nodes, mask)`: (N, m). Needs R's rows 0 and 1 only (the conv's reach)."""
+        folded, c, beta, message_c = self._folded()
+        m = nodes.shape[2]
+        relation = self._relation_rows(nodes[:, :2] @ folded[:, : m + 1], c, beta, nodes, mask)  # (N, r ≤ 2, n)
+        # Output row 0 of a 3×3 conv with zero padding sees input rows -1 (zero), 0 and 1.
+        gate = torch.sigmoid(self.context(relation.unsqueeze(1))[:, 0, 0])  # (N, n)
+        gated = relation[:, 0] * gate  # (N, n)
+        pooled = torch.bmm(gated.unsqueeze(1), nodes).squeeze(1)  # (N, m): R'_0 S
+        return nodes[:, 0] + pooled @ folded[:, m + 1:] + gated.sum(1, keepdim=True) * message_c + self.w_r.bias
 
 
 class SGRLayer(nn.Module):
@@ -57,10 +118,32 @@ class SGRLayer(nn.Module):
         self.update = nn.Linear(sim_dim, sim_dim)
         xavier_init_(self)
 
-    def forward(self, nodes: Tensor, mask: Tensor) -> Tensor:
-        """nodes (N, n, m), mask (N, n) → nodes (N, n, m)."""
-        edges = masked_softmax(self.query(nodes) @ self.key(nodes).transpose(1, 2), mask.unsqueeze(1))
-        return torch.relu(self.update(edges @ nodes))
+    def _folded(self) -> tuple[Tensor, Tensor, Tensor]:
+        """[A | u | W_uᵀ] (m, 2m+1), c (m,), β (): q(S) k(S)ᵀ = (S A + c) Sᵀ + (S u + β) 1ᵀ."""
+        relation_w, relation_c, relation_b = _fold(self.query, self.key)
+        return torch.cat([relation_w, self.update.weight.t()], 1), relation_c, relation_b
+
+    def _edges(self, products: Tensor, c: Tensor, beta: Tensor, nodes: Tensor, mask: Tensor | None) -> Tensor:
+        """softmax_rows(q(S) k(S)ᵀ) for some rows: products = rows·[A | u] (N, r, m+1) → (N, r, n)."""
+        m = nodes.shape[2]
+        logits = torch.baddbmm(products[..., m:] + beta, products[..., :m] + c, nodes.transpose(1, 2))
+        return _masked_softmax(logits, mask)
+
+    def forward(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
+        """nodes (N, n, m), mask (N, n) or None → nodes (N, n, m)."""
+        folded, c, beta = self._folded()
+        n, m = nodes.shape[1:]
+        products = (nodes.reshape(-1, m) @ folded).view(-1, n, 2 * m + 1)  # (N, n, 2m+1): [S A | S u | S W_uᵀ]
+        edges = self._edges(products[..., : m + 1], c, beta, nodes, mask)  # (N, n, n)
+        # Rows of `edges` sum to one, so W_u(E S) + b = E (S W_uᵀ) + b.
+        return torch.relu(torch.baddbmm(self.update.bias, edges, products[..., m + 1:]))
+
+    def read_out(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
+        """Node 0 of `forward(nodes, mask)`: (N, m)."""
+        folded, c, beta = self._folded()
+        m = nodes.shape[2]
+        edges = self._edges(nodes[:, :1] @ folded[:, : m + 1], c, beta, nodes, mask)  # (N, 1, n)
+        return torch.relu(torch.bmm(edges, nodes).squeeze(1) @ folded[:, m + 1:] + self.update.bias)
 
 
 def build_reasoning(kind: str, sim_dim: int, steps: int, relation_norm: str = "softmax") -> nn.ModuleList:
