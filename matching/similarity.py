@@ -94,7 +94,7 @@ class _AttendProject(torch.autograd.Function):
     def forward(ctx, weights: Tensor, values: Tensor, others: Tensor, weight: Tensor, bias: Tensor,  # noqa: ANN001
                 chunk_rows: int) -> Tensor:
         groups, rows, _ = weights.shape
-        heads, positions, d = others.shape
+        heads, positions, d = others.shape[-3:]
         dtype = _compute_dtype(weights)
         ctx.dtype, ctx.chunk_rows = dtype, chunk_rows
         ctx.save_for_backward(weights, values, others, weight)
@@ -105,7 +105,8 @@ class _AttendProject(torch.autograd.Function):
         for g0 in range(0, groups, step):
             g1 = min(groups, g0 + step)
             diff = torch.bmm(weights[g0:g1], values[g0:g1])  # (g, H·Q, d): attended vectors
-            diff.view(g1 - g0, heads, positions, d).sub_(others).square_()  # (g, H, Q, d)
+            subtracted = others[g0:g1] if others.dim() == 4 else others  # (g, H, Q, d) or (H, Q, d)
+            diff.view(g1 - g0, heads, positions, d).sub_(subtracted).square_()
             torch.addmm(bias, diff.view(-1, d), weight_t, out=out[g0:g1].view(-1, out.shape[2]))
         return out
 
@@ -115,7 +116,8 @@ class _AttendProject(torch.autograd.Function):
         weights_in, values_in, others_in, weight_in = ctx.saved_tensors
         dtype = ctx.dtype
         groups, rows, _ = weights_in.shape
-        heads, positions, d = others_in.shape
+        heads, positions, d = others_in.shape[-3:]
+        per_group = others_in.dim() == 4
         need_w, need_v, need_o, need_weight, need_bias = ctx.needs_input_grad[:5]
         weights, values, others = weights_in.to(dtype), values_in.to(dtype), others_in.to(dtype)
         weight = weight_in.to(dtype)
@@ -124,39 +126,46 @@ class _AttendProject(torch.autograd.Function):
         grad_w = torch.empty_like(weights_in) if need_w else None
         grad_v = torch.empty_like(values_in) if need_v else None
         accumulate = torch.promote_types(dtype, torch.float32)  # sums over chunks never in bf16
-        grad_o = torch.zeros(rows, d, dtype=accumulate, device=others.device) if need_o else None
+        grad_o = None
+        if need_o:
+            grad_o = torch.empty_like(others_in) if per_group else torch.zeros(
+                rows, d, dtype=accumulate, device=others.device)
         grad_weight = torch.zeros(m, d, dtype=accumulate, device=weight.device) if need_weight else None
         step = max(1, ctx.chunk_rows // rows)
         for g0 in range(0, groups, step):
             g1 = min(groups, g0 + step)
             w_chunk, v_chunk, g_chunk = weights[g0:g1], values[g0:g1], grad_out[g0:g1].view(-1, m)
             diff = torch.bmm(w_chunk, v_chunk)  # (g, H·Q, d): recomputed, never stored
-            diff.view(g1 - g0, heads, positions, d).sub_(others)
+            diff.view(g1 - g0, heads, positions, d).sub_(others[g0:g1] if per_group else others)
             scratch = diff.square()
             if need_weight:
                 grad_weight += (g_chunk.t() @ scratch.view(-1, d)).to(accumulate)  # (m, d)
             grad_attended = torch.mm(g_chunk, weight, out=scratch.view(-1, d)).view_as(diff)
             grad_attended.mul_(diff).mul_(2)  # ∂y/∂(w @ U): (g, H·Q, d)
-            if need_o:
+            if need_o and per_group:
+                grad_o[g0:g1] = grad_attended.view(g1 - g0, heads, positions, d).neg()
+            elif need_o:
                 grad_o -= grad_attended.sum(0).to(accumulate)
             if need_w:
                 grad_w[g0:g1] = torch.bmm(grad_attended, v_chunk.transpose(1, 2))
             if need_v:
                 grad_v[g0:g1] = torch.bmm(w_chunk.transpose(1, 2), grad_attended)
         grad_bias = grad_out.sum((0, 1)).to(weight_in.dtype) if need_bias else None
-        return (grad_w, grad_v, grad_o.view(heads, positions, d).to(others_in.dtype) if need_o else None,
-                grad_weight.to(weight_in.dtype) if need_weight else None, grad_bias, None)
+        if need_o and not per_group:
+            grad_o = grad_o.view(heads, positions, d).to(others_in.dtype)
+        return grad_w, grad_v, grad_o, grad_weight.to(weight_in.dtype) if need_weight else None, grad_bias, None
 
 
 def attend_project(weights: Tensor, values: Tensor, others: Tensor, weight: Tensor, bias: Tensor,
                    chunk_rows: int | None = None) -> Tensor:
     """Eq. 1 over attended vectors: y[g, h, q] = W (Σ_p w[g, h·Q+q, p] U[g, p] − O[h, q])² + b.
 
-    weights (G, H·Q, P), values U (G, P, d), others O (H, Q, d), weight W (m, d), bias b (m,)
-    → y (G, H·Q, m), before the l2 norm. Words attending to regions: G images, P = K regions,
-    H captions, Q = L words; regions attending to words: G captions, P = L, H images, Q = K.
-    The d-sized attended vectors exist only `chunk_rows` rows at a time, in the forward
-    pass and again in the backward pass, which recomputes them.
+    weights (G, H·Q, P), values U (G, P, d), others O (H, Q, d), or (G, H, Q, d) with
+    O[g, h, q] in place of O[h, q]; weight W (m, d), bias b (m,) → y (G, H·Q, m), before
+    the l2 norm. Words attending to regions: G images, P = K regions, H captions, Q = L
+    words; regions attending to words: G captions, P = L, H images, Q = K. The d-sized
+    attended vectors exist only `chunk_rows` rows at a time, in the forward pass and
+    again in the backward pass, which recomputes them.
     """
     rows = chunk_rows or default_chunk_rows(weights.device)
     return _AttendProject.apply(weights.contiguous(), values.contiguous(), others.contiguous(), weight, bias, rows)
@@ -225,22 +234,30 @@ class SimilarityHead(nn.Module):
         return self.reasoning[-1].read_out(nodes, mask)
 
     def _group_vector(self, regions: Tensor, region_mask: Tensor | None, boxes: Tensor, image_glob: Tensor,
-                      words: Tensor, caption_glob: Tensor, chunk_rows: int) -> Tensor:
+                      words: Tensor, caption_glob: Tensor, chunk_rows: int, paired: bool = False) -> Tensor:
         """S* of Bi images × Bc captions of one length: regions (Bi, K, d), words (Bc, L, d) → (Bi, Bc, m).
 
         region_mask (Bi, K) or None when every image has K boxes; boxes (Bi,) their counts.
+        `paired`: image p with caption p only (Bi = Bc = P) → (P, 1, m); below, Bc is then 1
+        and each image's caption is its own.
         """
         bi, k, d = regions.shape
-        bc, length, _ = words.shape
+        length = words.shape[1]
         m = self.score.in_features
-        cosines = (regions.view(bi * k, d) @ words.view(bc * length, d).t()).view(bi, k, bc, length)
+        if paired:
+            bc = 1
+            cosines = torch.bmm(regions, words.transpose(1, 2)).view(bi, k, 1, length)  # (P, K, 1, L)
+            own_words, own_glob = words.unsqueeze(1), caption_glob.view(bi, 1, 1, d)  # O per group
+        else:
+            bc = words.shape[0]
+            cosines = (regions.view(bi * k, d) @ words.view(bc * length, d).t()).view(bi, k, bc, length)
+            own_words, own_glob = words, caption_glob.unsqueeze(1)
         cosines = torch.relu(cosines) if self.attention_clip == "relu" else nn.functional.leaky_relu(cosines, 0.1)
         if region_mask is not None:
             cosines = cosines * region_mask[:, :, None, None]  # padded regions out of every norm
         ones = image_glob.new_ones(bi, bc, 1)
-        global_node = l2norm(attend_project(ones, image_glob.unsqueeze(1), caption_glob.unsqueeze(1),
-                                            self.sim_global.proj.weight, self.sim_global.proj.bias,
-                                            chunk_rows))  # (Bi, Bc, m)
+        global_node = l2norm(attend_project(ones, image_glob.unsqueeze(1), own_glob, self.sim_global.proj.weight,
+                                            self.sim_global.proj.bias, chunk_rows))  # (Bi, Bc, m)
         fused = None
         if self.streams in ("i2t", "both"):  # Eq. 2: each word attends to the regions
             scale = self.lambda_i2t / (torch.linalg.vector_norm(cosines, dim=3, keepdim=True) + EPS)
@@ -248,7 +265,7 @@ class SimilarityHead(nn.Module):
             if region_mask is not None:
                 logits = logits.masked_fill(~region_mask[:, :, None, None], float("-inf"))
             alpha = torch.softmax(logits, dim=1).permute(0, 2, 3, 1).reshape(bi, bc * length, k)  # (Bi, Bc·L, K)
-            local = attend_project(unit_attention(alpha, regions), regions, words, self.sim_local.proj.weight,
+            local = attend_project(unit_attention(alpha, regions), regions, own_words, self.sim_local.proj.weight,
                                    self.sim_local.proj.bias, chunk_rows)  # (Bi, Bc·L, m)
             nodes = torch.cat([global_node.view(bi * bc, 1, m), l2norm(local).view(bi * bc, length, m)], 1)
             if self._reasons("i2t"):
@@ -258,9 +275,14 @@ class SimilarityHead(nn.Module):
         if self.streams in ("t2i", "both"):  # Eq. 3: each region attends to the words
             scale = self.lambda_t2i / (torch.linalg.vector_norm(cosines, dim=1, keepdim=True) + EPS)
             beta = torch.softmax(cosines * scale, dim=3)  # (Bi, K, Bc, L): over the words
-            beta = beta.permute(2, 0, 1, 3).reshape(bc, bi * k, length)  # (Bc, Bi·K, L)
-            local = attend_project(unit_attention(beta, words), words, regions, self.sim_local.proj.weight,
-                                   self.sim_local.proj.bias, chunk_rows)  # (Bc, Bi·K, m)
+            if paired:  # caption p's words, attended by image p's regions
+                beta = beta.view(bi, k, length)  # (P, K, L)
+                others = regions.unsqueeze(1)  # (P, 1, K, d)
+            else:
+                beta = beta.permute(2, 0, 1, 3).reshape(bc, bi * k, length)  # (Bc, Bi·K, L)
+                others = regions
+            local = attend_project(unit_attention(beta, words), words, others, self.sim_local.proj.weight,
+                                   self.sim_local.proj.bias, chunk_rows)  # (Bc, Bi·K, m), paired (P, K, m)
             local = l2norm(local).view(bc, bi, k, m)
             global_t = global_node.transpose(0, 1)  # (Bc, Bi, m)
             if self._reasons("t2i"):
@@ -304,6 +326,32 @@ class SimilarityHead(nn.Module):
             order.append(index)
         inverse = torch.argsort(torch.cat(order)).to(device)
         return torch.cat(parts, 1)[:, inverse]
+
+    def paired_vector(self, images: Embedded, captions: Embedded, *, chunk_rows: int | None = None) -> Tensor:
+        """S* of image p with caption p only: images and captions of P rows each → (P, m)."""
+        if len(images) != len(captions):
+            raise ValueError(f"paired scoring needs as many images as captions, not {len(images)} and {len(captions)}")
+        device = images.local.device
+        chunk_rows = chunk_rows or default_chunk_rows(device)
+        lengths = captions.mask.sum(1).cpu()
+        parts, order = [], []
+        for length in lengths.unique().tolist():
+            index = (lengths == length).nonzero().squeeze(1)
+            on_device = index.to(device)
+            boxes = images.mask[on_device].sum(1)
+            box_counts = boxes.cpu()
+            k = int(box_counts.max())
+            region_mask = None if bool((box_counts == k).all()) else images.mask[on_device, :k]
+            parts.append(self._group_vector(images.local[on_device, :k], region_mask, boxes, images.glob[on_device],
+                                            captions.local[on_device, :length], captions.glob[on_device],
+                                            chunk_rows, paired=True)[:, 0])
+            order.append(index)
+        inverse = torch.argsort(torch.cat(order)).to(device)
+        return torch.cat(parts)[inverse]
+
+    def paired_scores(self, images: Embedded, captions: Embedded, *, chunk_rows: int | None = None) -> Tensor:
+        """Scores in (0, 1) of image p with caption p: (P,)."""
+        return torch.sigmoid(self.score(self.paired_vector(images, captions, chunk_rows=chunk_rows))).squeeze(-1)
 
     def forward(self, images: Embedded, captions: Embedded, *, chunk_rows: int | None = None) -> Tensor:
         """Scores in (0, 1) for every pair: (Bi, Bc)."""
