@@ -60,7 +60,7 @@ class HSRLayer(nn.Module):
         self.w_r = nn.Linear(sim_dim, sim_dim)
         xavier_init_(self)
 
-    def _folded(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def fold(self) -> tuple[Tensor, ...]:
         """[A | u | B] (m, 2m+1), c (m,), β (), c_r (m,) with B = W_gᵀ W_rᵀ and c_r = W_r b_g."""
         relation_w, relation_c, relation_b = _fold(self.phi, self.psi)
         message_w = (self.w_g.weight.double().t() @ self.w_r.weight.double().t()).to(relation_w.dtype)
@@ -81,24 +81,24 @@ class HSRLayer(nn.Module):
 
     def relation(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
         """The gated relation matrix R' (N, n, n), zero in every padded row and column."""
-        folded, c, beta, _ = self._folded()
+        folded, c, beta, _ = self.fold()
         m = nodes.shape[2]
         relation = self._relation_rows(nodes @ folded[:, : m + 1], c, beta, nodes, mask)
         return relation * torch.sigmoid(self.context(relation.unsqueeze(1)).squeeze(1))
 
-    def forward(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
-        """nodes (N, n, m), mask (N, n) or None → nodes (N, n, m)."""
-        folded, c, beta, message_c = self._folded()
+    def forward(self, nodes: Tensor, mask: Tensor | None, folded: tuple[Tensor, ...] | None = None) -> Tensor:
+        """nodes (N, n, m), mask (N, n) or None → nodes (N, n, m). `folded`: `fold()`'s result, if at hand."""
+        folded, c, beta, message_c = folded or self.fold()
         n, m = nodes.shape[1:]
         products = (nodes.reshape(-1, m) @ folded).view(-1, n, 2 * m + 1)  # (N, n, 2m+1): [S A | S u | S B]
         relation = self._relation_rows(products[..., : m + 1], c, beta, nodes, mask)
         gated = relation * torch.sigmoid(self.context(relation.unsqueeze(1)).squeeze(1))  # (N, n, n)
         messages = torch.baddbmm(gated.sum(2, keepdim=True) * message_c, gated, products[..., m + 1:])  # (N, n, m)
-        return nodes + messages + self.w_r.bias
+        return messages.add_(nodes).add_(self.w_r.bias)  # S + W_r(R' W_g(S)), without temporaries
 
-    def read_out(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
+    def read_out(self, nodes: Tensor, mask: Tensor | None, folded: tuple[Tensor, ...] | None = None) -> Tensor:
         """Node 0 of `forward(nodes, mask)`: (N, m). Needs R's rows 0 and 1 only (the conv's reach)."""
-        folded, c, beta, message_c = self._folded()
+        folded, c, beta, message_c = folded or self.fold()
         m = nodes.shape[2]
         relation = self._relation_rows(nodes[:, :2] @ folded[:, : m + 1], c, beta, nodes, mask)  # (N, r ≤ 2, n)
         # Output row 0 of a 3×3 conv with zero padding sees input rows -1 (zero), 0 and 1.
@@ -118,7 +118,7 @@ class SGRLayer(nn.Module):
         self.update = nn.Linear(sim_dim, sim_dim)
         xavier_init_(self)
 
-    def _folded(self) -> tuple[Tensor, Tensor, Tensor]:
+    def fold(self) -> tuple[Tensor, ...]:
         """[A | u | W_uᵀ] (m, 2m+1), c (m,), β (): q(S) k(S)ᵀ = (S A + c) Sᵀ + (S u + β) 1ᵀ."""
         relation_w, relation_c, relation_b = _fold(self.query, self.key)
         return torch.cat([relation_w, self.update.weight.t()], 1), relation_c, relation_b
@@ -129,18 +129,18 @@ class SGRLayer(nn.Module):
         logits = torch.baddbmm(products[..., m:] + beta, products[..., :m] + c, nodes.transpose(1, 2))
         return _masked_softmax(logits, mask)
 
-    def forward(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
-        """nodes (N, n, m), mask (N, n) or None → nodes (N, n, m)."""
-        folded, c, beta = self._folded()
+    def forward(self, nodes: Tensor, mask: Tensor | None, folded: tuple[Tensor, ...] | None = None) -> Tensor:
+        """nodes (N, n, m), mask (N, n) or None → nodes (N, n, m). `folded`: `fold()`'s result, if at hand."""
+        folded, c, beta = folded or self.fold()
         n, m = nodes.shape[1:]
         products = (nodes.reshape(-1, m) @ folded).view(-1, n, 2 * m + 1)  # (N, n, 2m+1): [S A | S u | S W_uᵀ]
         edges = self._edges(products[..., : m + 1], c, beta, nodes, mask)  # (N, n, n)
         # Rows of `edges` sum to one, so W_u(E S) + b = E (S W_uᵀ) + b.
         return torch.relu(torch.baddbmm(self.update.bias, edges, products[..., m + 1:]))
 
-    def read_out(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
+    def read_out(self, nodes: Tensor, mask: Tensor | None, folded: tuple[Tensor, ...] | None = None) -> Tensor:
         """Node 0 of `forward(nodes, mask)`: (N, m)."""
-        folded, c, beta = self._folded()
+        folded, c, beta = folded or self.fold()
         m = nodes.shape[2]
         edges = self._edges(nodes[:, :1] @ folded[:, : m + 1], c, beta, nodes, mask)  # (N, 1, n)
         return torch.relu(torch.bmm(edges, nodes).squeeze(1) @ folded[:, m + 1:] + self.update.bias)

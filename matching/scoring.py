@@ -92,25 +92,43 @@ def pad_tokens(captions: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
     return tokens, lengths
 
 
-def bytes_per_pair(num_regions: int, num_words: int, embed_size: int, sim_dim: int) -> int:
-    """Peak working memory of one image-caption pair in `SimilarityHead` (no autograd), in bytes.
+def bytes_per_pair(num_regions: int, num_words: int, embed_size: int, sim_dim: int, *, streams: str = "both",
+                   reasoning_stream: str = "i2t", reasoning_steps: int = 3) -> int:
+    """Peak working memory of one image-caption pair in `SimilarityHead` (no autograd, float32), in bytes.
 
-    The d-sized attended vectors live in chunks of `chunk_rows` rows (see `chunk_bytes`),
-    so per pair the head holds only the attention maps (K·L, a few copies), the
-    similarity nodes and reasoning products ((L+1)·m, (K+1)·m) and the relation
-    matrices; the count below takes every tensor that can be alive at once, for the
-    larger of the two streams reasoning, in float32. `embed_size` enters only the
-    global node's row.
+    The d-sized attended vectors live in chunks of rows (see `chunk_bytes`), so a pair
+    holds only what is alive in the head's largest phase: a stream's attention maps (K·L,
+    four of them) with its projected nodes (L·m, or 2·K·m), the node matrix being put
+    together, or a reasoning layer's input
+    nodes (and the first layer's), its [S A | S u | S B] products (n·(2m+1)), five n×n
+    relation matrices and two n×m messages. `tests/test_fast_paths.py` holds this against
+    the peak measured by torch's profiler. `embed_size` is unused: nothing d-sized is kept
+    per pair.
     """
-    k, nodes, d, m = num_regions, num_words + 1, embed_size, sim_dim
-    attention = 8 * k * num_words
-    reasoning = 8 * max(k + 1, nodes) * m + 5 * max(k + 1, nodes) ** 2
-    streams = 3 * nodes * m + 3 * k * m + 4 * m
-    return 4 * (attention + reasoning + streams + d // 64)
+    del embed_size
+    k, length, m, steps = num_regions, num_words, sim_dim, reasoning_steps
+
+    def reasoning(n: int) -> int:
+        return (2 if steps >= 2 else 1) * n * m + n * (2 * m + 1) + 5 * n * n + 2 * n * m
+
+    phases = []
+    if streams in ("i2t", "both"):  # attention and projection; the node matrix made; reasoning
+        phases += [4 * k * length + length * m, k * length + 2 * length * m + (length + 1) * m]
+        if steps and reasoning_stream == "i2t":
+            phases.append(k * length + reasoning(length + 1))
+    if streams in ("t2i", "both"):
+        phases.append(4 * k * length + 2 * k * m)
+        if steps and reasoning_stream == "t2i":
+            phases += [k * length + k * m + (k + 1) * m, k * length + reasoning(k + 1)]
+    return 4 * (max(phases) + 3 * m)
 
 
 def chunk_bytes(chunk_rows: int, embed_size: int) -> int:
-    """Working memory of `attend_project`'s d-sized buffers (the forward pass holds one)."""
+    """Working memory of `attend_project`'s d-sized buffer (the forward pass holds one).
+
+    `chunk_rows` must count at least one group's rows (Bc·L words or Bi·K regions): a chunk
+    never splits a group.
+    """
     return 4 * chunk_rows * embed_size
 
 
@@ -283,15 +301,24 @@ def score_matrix(
             image_emb = image_emb.select(image_order.to(device))
             rows_of = image_order.numpy()
             n_images, num_regions, embed_size = image_emb.local.shape
-            sim_dim = model.head.score.in_features
+            head = model.head
+            sim_dim = head.score.in_features
             chunk_rows = max(1, min(default_chunk_rows(device), budget // 2 // (4 * embed_size)))
             tracker = ScoringProgress(n_images * len(captions), bar=progress, log=log, interval=log_every)
             for index, caption_emb in groups:
-                per_pair = bytes_per_pair(num_regions, caption_emb.local.shape[1], embed_size, sim_dim)
+                per_pair = bytes_per_pair(num_regions, caption_emb.local.shape[1], embed_size, sim_dim,
+                                          streams=head.streams, reasoning_stream=head.reasoning_stream,
+                                          reasoning_steps=len(head.reasoning))
+                length = caption_emb.local.shape[1]
                 pairs = max(1, (budget - chunk_bytes(chunk_rows, embed_size)) // per_pair)
                 if block_pairs is not None or device.type != "cuda":
                     pairs = min(pairs, block_pairs or CPU_BLOCK_PAIRS)
-                img_step, cap_step = block_shape(pairs, n_images, len(index))
+                while True:  # a chunk holds one group's rows at least: Bc·L words, Bi·K regions
+                    img_step, cap_step = block_shape(pairs, n_images, len(index))
+                    rows = max(chunk_rows, cap_step * length, img_step * num_regions)
+                    if pairs == 1 or per_pair * img_step * cap_step + chunk_bytes(rows, embed_size) <= budget:
+                        break
+                    pairs //= 2
                 for c0 in range(0, len(index), cap_step):
                     cap_block = caption_emb.select(slice(c0, c0 + cap_step))
                     columns = index[c0:c0 + cap_step].numpy()

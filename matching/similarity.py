@@ -227,14 +227,30 @@ class SimilarityHead(nn.Module):
     def _reasons(self, stream: str) -> bool:
         return len(self.reasoning) > 0 and stream == self.reasoning_stream
 
-    def _reason(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
+    def _folds(self) -> list[tuple[Tensor, ...]]:
+        """Every reasoning layer's folded weights (`fold()`), formed once per call.
+
+        Without autograd they are kept until a parameter changes (in place, as optimizers
+        update, or by a move): scoring many blocks folds once.
+        """
+        if torch.is_grad_enabled():
+            return [layer.fold() for layer in self.reasoning]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.reasoning.parameters())
+        cached = getattr(self, "_fold_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, [layer.fold() for layer in self.reasoning])
+            self._fold_cache = cached
+        return cached[1]
+
+    def _reason(self, nodes: Tensor, mask: Tensor | None, folds: list[tuple[Tensor, ...]]) -> Tensor:
         """Node 0 after the M layers: nodes (N, n, m), mask (N, n) or None → (N, m)."""
-        for layer in self.reasoning[:-1]:
-            nodes = layer(nodes, mask)
-        return self.reasoning[-1].read_out(nodes, mask)
+        for layer, folded in zip(self.reasoning[:-1], folds, strict=False):
+            nodes = layer(nodes, mask, folded)
+        return self.reasoning[-1].read_out(nodes, mask, folds[-1])
 
     def _group_vector(self, regions: Tensor, region_mask: Tensor | None, boxes: Tensor, image_glob: Tensor,
-                      words: Tensor, caption_glob: Tensor, chunk_rows: int, paired: bool = False) -> Tensor:
+                      words: Tensor, caption_glob: Tensor, chunk_rows: int, folds: list[tuple[Tensor, ...]],
+                      paired: bool = False) -> Tensor:
         """S* of Bi images × Bc captions of one length: regions (Bi, K, d), words (Bc, L, d) → (Bi, Bc, m).
 
         region_mask (Bi, K) or None when every image has K boxes; boxes (Bi,) their counts.
@@ -243,7 +259,6 @@ class SimilarityHead(nn.Module):
         """
         bi, k, d = regions.shape
         length = words.shape[1]
-        m = self.score.in_features
         if paired:
             bc = 1
             cosines = torch.bmm(regions, words.transpose(1, 2)).view(bi, k, 1, length)  # (P, K, 1, L)
@@ -259,53 +274,77 @@ class SimilarityHead(nn.Module):
         global_node = l2norm(attend_project(ones, image_glob.unsqueeze(1), own_glob, self.sim_global.proj.weight,
                                             self.sim_global.proj.bias, chunk_rows))  # (Bi, Bc, m)
         fused = None
-        if self.streams in ("i2t", "both"):  # Eq. 2: each word attends to the regions
-            scale = self.lambda_i2t / (torch.linalg.vector_norm(cosines, dim=3, keepdim=True) + EPS)
-            logits = cosines * scale  # (Bi, K, Bc, L): c̄ normalised over the words, times λ
-            if region_mask is not None:
-                logits = logits.masked_fill(~region_mask[:, :, None, None], float("-inf"))
-            alpha = torch.softmax(logits, dim=1).permute(0, 2, 3, 1).reshape(bi, bc * length, k)  # (Bi, Bc·L, K)
-            local = attend_project(unit_attention(alpha, regions), regions, own_words, self.sim_local.proj.weight,
-                                   self.sim_local.proj.bias, chunk_rows)  # (Bi, Bc·L, m)
-            nodes = torch.cat([global_node.view(bi * bc, 1, m), l2norm(local).view(bi * bc, length, m)], 1)
-            if self._reasons("i2t"):
-                fused = self._reason(nodes, None).view(bi, bc, m)
-            else:
-                fused = nodes.mean(1).view(bi, bc, m)
-        if self.streams in ("t2i", "both"):  # Eq. 3: each region attends to the words
-            scale = self.lambda_t2i / (torch.linalg.vector_norm(cosines, dim=1, keepdim=True) + EPS)
-            beta = torch.softmax(cosines * scale, dim=3)  # (Bi, K, Bc, L): over the words
-            if paired:  # caption p's words, attended by image p's regions
-                beta = beta.view(bi, k, length)  # (P, K, L)
-                others = regions.unsqueeze(1)  # (P, 1, K, d)
-            else:
-                beta = beta.permute(2, 0, 1, 3).reshape(bc, bi * k, length)  # (Bc, Bi·K, L)
-                others = regions
-            local = attend_project(unit_attention(beta, words), words, others, self.sim_local.proj.weight,
-                                   self.sim_local.proj.bias, chunk_rows)  # (Bc, Bi·K, m), paired (P, K, m)
-            local = l2norm(local).view(bc, bi, k, m)
-            global_t = global_node.transpose(0, 1)  # (Bc, Bi, m)
-            if self._reasons("t2i"):
-                nodes = torch.cat([global_t.reshape(bc * bi, 1, m), local.view(bc * bi, k, m)], 1)
-                mask = None
-                if region_mask is not None:
-                    mask = torch.cat([region_mask.new_ones(bc * bi, 1),
-                                      region_mask.expand(bc, bi, k).reshape(bc * bi, k)], 1)  # (Bc·Bi, K+1)
-                stream = self._reason(nodes, mask).view(bc, bi, m)
-            else:
-                if region_mask is None:
-                    total = global_t + local.sum(2)
-                else:
-                    total = global_t + torch.einsum("cikm,ik->cim", local, region_mask.to(local.dtype))
-                stream = total / (1 + boxes).to(total.dtype)[None, :, None]  # mean of the K+1 nodes
-            stream = stream.transpose(0, 1)  # (Bi, Bc, m)
+        if self.streams in ("i2t", "both"):
+            fused = self._i2t_stream(cosines, regions, region_mask, own_words, global_node, chunk_rows, folds)
+        if self.streams in ("t2i", "both"):
+            stream = self._t2i_stream(cosines, regions, region_mask, boxes, words, global_node, chunk_rows, folds,
+                                      paired)
             fused = stream if fused is None else fused + stream
         return fused
+
+    def _i2t_stream(self, cosines: Tensor, regions: Tensor, region_mask: Tensor | None, words: Tensor,
+                    global_node: Tensor, chunk_rows: int, folds: list[tuple[Tensor, ...]]) -> Tensor:
+        """Eq. 2, each word attending to the regions, then its read-out: (Bi, Bc, m).
+
+        cosines (Bi, K, Bc, L) clipped; words (Bc, L, d), or (Bi, 1, L, d) when paired.
+        """
+        bi, k, bc, length = cosines.shape
+        m = global_node.shape[2]
+        scale = self.lambda_i2t / (torch.linalg.vector_norm(cosines, dim=3, keepdim=True) + EPS)
+        logits = cosines * scale  # (Bi, K, Bc, L): c̄ normalised over the words, times λ
+        if region_mask is not None:
+            logits = logits.masked_fill(~region_mask[:, :, None, None], float("-inf"))
+        alpha = torch.softmax(logits, dim=1).permute(0, 2, 3, 1).reshape(bi, bc * length, k)  # (Bi, Bc·L, K)
+        del logits
+        local = attend_project(unit_attention(alpha, regions), regions, words, self.sim_local.proj.weight,
+                               self.sim_local.proj.bias, chunk_rows)  # (Bi, Bc·L, m)
+        del alpha
+        nodes = torch.cat([global_node.view(bi * bc, 1, m), l2norm(local).view(bi * bc, length, m)], 1)
+        del local
+        if self._reasons("i2t"):
+            return self._reason(nodes, None, folds).view(bi, bc, m)
+        return nodes.mean(1).view(bi, bc, m)
+
+    def _t2i_stream(self, cosines: Tensor, regions: Tensor, region_mask: Tensor | None, boxes: Tensor,
+                    words: Tensor, global_node: Tensor, chunk_rows: int, folds: list[tuple[Tensor, ...]],
+                    paired: bool) -> Tensor:
+        """Eq. 3, each region attending to the words, then its read-out: (Bi, Bc, m)."""
+        bi, k, bc, length = cosines.shape
+        m = global_node.shape[2]
+        scale = self.lambda_t2i / (torch.linalg.vector_norm(cosines, dim=1, keepdim=True) + EPS)
+        beta = torch.softmax(cosines * scale, dim=3)  # (Bi, K, Bc, L): over the words
+        if paired:  # caption p's words, attended by image p's regions
+            beta = beta.view(bi, k, length)  # (P, K, L)
+            others = regions.unsqueeze(1)  # (P, 1, K, d)
+        else:
+            beta = beta.permute(2, 0, 1, 3).reshape(bc, bi * k, length)  # (Bc, Bi·K, L)
+            others = regions
+        local = attend_project(unit_attention(beta, words), words, others, self.sim_local.proj.weight,
+                               self.sim_local.proj.bias, chunk_rows)  # (Bc, Bi·K, m), paired (P, K, m)
+        del beta
+        local = l2norm(local).view(bc, bi, k, m)
+        global_t = global_node.transpose(0, 1)  # (Bc, Bi, m)
+        if self._reasons("t2i"):
+            nodes = torch.cat([global_t.reshape(bc * bi, 1, m), local.view(bc * bi, k, m)], 1)
+            del local
+            mask = None
+            if region_mask is not None:
+                mask = torch.cat([region_mask.new_ones(bc * bi, 1),
+                                  region_mask.expand(bc, bi, k).reshape(bc * bi, k)], 1)  # (Bc·Bi, K+1)
+            stream = self._reason(nodes, mask, folds).view(bc, bi, m)
+        else:
+            if region_mask is None:
+                total = global_t + local.sum(2)
+            else:
+                total = global_t + torch.einsum("cikm,ik->cim", local, region_mask.to(local.dtype))
+            stream = total / (1 + boxes).to(total.dtype)[None, :, None]  # mean of the K+1 nodes
+        return stream.transpose(0, 1)  # (Bi, Bc, m)
 
     def similarity_vector(self, images: Embedded, captions: Embedded, *, chunk_rows: int | None = None) -> Tensor:
         """S* for every pair: (Bi, Bc, m). `chunk_rows` bounds the d-sized working buffer."""
         device = images.local.device
         chunk_rows = chunk_rows or default_chunk_rows(device)
+        folds = self._folds()
         boxes = images.mask.sum(1)
         box_counts = boxes.cpu()
         k = int(box_counts.max())
@@ -315,14 +354,15 @@ class SimilarityHead(nn.Module):
         distinct = lengths.unique().tolist()
         if len(distinct) == 1:
             words = captions.local[:, : distinct[0]].contiguous()
-            return self._group_vector(regions, region_mask, boxes, images.glob, words, captions.glob, chunk_rows)
+            return self._group_vector(regions, region_mask, boxes, images.glob, words, captions.glob, chunk_rows,
+                                      folds)
         parts, order = [], []
         for length in distinct:
             index = (lengths == length).nonzero().squeeze(1)
             on_device = index.to(device)
             words = captions.local[on_device, :length]  # (Bc_L, L, d)
             parts.append(self._group_vector(regions, region_mask, boxes, images.glob, words,
-                                            captions.glob[on_device], chunk_rows))
+                                            captions.glob[on_device], chunk_rows, folds))
             order.append(index)
         inverse = torch.argsort(torch.cat(order)).to(device)
         return torch.cat(parts, 1)[:, inverse]
@@ -333,6 +373,7 @@ class SimilarityHead(nn.Module):
             raise ValueError(f"paired scoring needs as many images as captions, not {len(images)} and {len(captions)}")
         device = images.local.device
         chunk_rows = chunk_rows or default_chunk_rows(device)
+        folds = self._folds()
         lengths = captions.mask.sum(1).cpu()
         parts, order = [], []
         for length in lengths.unique().tolist():
@@ -344,7 +385,7 @@ class SimilarityHead(nn.Module):
             region_mask = None if bool((box_counts == k).all()) else images.mask[on_device, :k]
             parts.append(self._group_vector(images.local[on_device, :k], region_mask, boxes, images.glob[on_device],
                                             captions.local[on_device, :length], captions.glob[on_device],
-                                            chunk_rows, paired=True)[:, 0])
+                                            chunk_rows, folds, paired=True)[:, 0])
             order.append(index)
         inverse = torch.argsort(torch.cat(order)).to(device)
         return torch.cat(parts)[inverse]

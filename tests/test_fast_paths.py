@@ -179,3 +179,55 @@ def test_score_matrix_logs_progress_lines():
                  block_pairs=2)
     assert lines and all("pairs/s, ETA" in line for line in lines)
     assert lines[0].startswith("scoring: 2/12 pairs")
+
+
+def _peak_allocated(fn) -> int:
+    """The peak of live bytes torch allocates during fn(), from the profiler's memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action  # the timeline behind export_memory_timeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("variant", ["tshsr", "sgr", "hsr-t2i", "no_reasoning"])
+def test_block_memory_estimate_bounds_the_real_peak(variant):
+    """`bytes_per_pair` (which sizes the blocks of `score_matrix`) is an upper bound of the real peak, and close."""
+    from matching.encoders import Embedded
+    from matching.scoring import bytes_per_pair, chunk_bytes
+    from matching.tensors import l2norm
+
+    model = tiny_model(seed=22, embed_size=128, sim_dim=64, **VARIANTS[variant])
+    config, generator = tiny_config(embed_size=128, sim_dim=64, **VARIANTS[variant]), torch.Generator().manual_seed(0)
+    images = Embedded(l2norm(torch.randn(16, 7, 128, generator=generator)), torch.ones(16, 7, dtype=torch.bool),
+                      l2norm(torch.randn(16, 128, generator=generator)))
+    captions = Embedded(l2norm(torch.randn(16, 10, 128, generator=generator)), torch.ones(16, 10, dtype=torch.bool),
+                        l2norm(torch.randn(16, 128, generator=generator)))
+    with torch.inference_mode():
+        model.head(images, captions)  # folds cached, as in a scoring loop
+        real = _peak_allocated(lambda: model.head(images, captions, chunk_rows=64))
+    estimate = 16 * 16 * bytes_per_pair(7, 10, 128, 64, streams=config.streams,
+                                        reasoning_stream=config.reasoning_stream,
+                                        reasoning_steps=config.reasoning_steps)
+    estimate += chunk_bytes(max(64, 16 * 10, 16 * 7), 128)  # a chunk holds one group's rows at least
+    assert real <= estimate <= 2 * real, (real, estimate)
+
+
+def test_folded_weights_follow_parameter_updates():
+    """Scores without autograd reuse folded reasoning weights until a parameter changes in place."""
+    model = tiny_model(seed=23)
+    features, num_boxes = random_images(3, 7, 24, seed=24)
+    captions = random_captions(4, 40, seed=25)
+    before = score_matrix(model, ImageArrays(features, num_boxes), captions)
+    with torch.no_grad():
+        model.head.reasoning[-1].phi.weight.mul_(3.0)  # an optimizer-like in-place update
+    after = score_matrix(model, ImageArrays(features, num_boxes), captions)
+    fresh = tiny_model(seed=23)
+    fresh.load_state_dict(model.state_dict())
+    np.testing.assert_allclose(after, score_matrix(fresh, ImageArrays(features, num_boxes), captions), atol=1e-6)
+    assert np.abs(after - before).max() > 1e-4
