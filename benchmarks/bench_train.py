@@ -14,9 +14,15 @@ clipping and Adam.
   backward recomputes its chunks, folded reasoning weights, node 0 of the last layer).
 
 Each side runs in its own process, so its peak resident memory (the RSS high-water
-mark, `ru_maxrss`) is its own; the process's RSS before the first step (model, Adam
-state, data) is reported too. Both sides compute the same gradients (checked on a
-small batch first, to 1e-5).
+mark, `ru_maxrss`) is its own; the process's RSS before the first step (model and
+data; Adam's state and the gradients come with the first step) is reported too. Both
+sides compute the same gradients (checked on a small batch first, to 1e-5).
+
+The baseline's step memory grows with B² (about 1.5 MB a pair in TSHSR): at B = 128 it
+needs over 20 GiB. The sides are compared at batch 32 and at the largest batch whose
+predicted baseline peak fits in 70% of the available memory; if that is below B, ours
+also runs at B and the baseline at B is extrapolated (memory × (B/b)², time × B/b,
+a lower bound since its pairs grow as B²).
 
 Each run appends one JSON line to benchmarks/results/bench_train.jsonl.
 
@@ -133,7 +139,7 @@ def step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: tuple, impl: str
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def worker(impl: str, variant: str, batch_size: int, steps: int) -> dict[str, Any]:
@@ -181,6 +187,35 @@ def run_worker(impl: str, variant: str, batch_size: int, steps: int) -> dict[str
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as handle:
+        fields = dict(line.split(":", 1) for line in handle)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def compare(variant: str, batch_size: int, steps: int) -> dict[str, Any]:
+    """Both sides in their own processes at one batch size: times, peaks and their ratios."""
+    rows = {impl: run_worker(impl, variant, batch_size, steps) for impl in ("baseline", "ours")}
+    for impl, row in rows.items():
+        if "failed" in row:
+            print(f"  {impl:8s}: failed (exit {row['failed']}): {' | '.join(row['stderr'])}")
+        else:
+            print(f"  {impl:8s}: {row['seconds_per_step']:7.2f} s a step, peak RSS "
+                  f"{row['peak_rss_bytes'] / 2**30:6.2f} GiB (before the first step "
+                  f"{row['rss_before_bytes'] / 2**30:.2f} GiB)")
+    figures: dict[str, Any] = {"batch": batch_size, **rows}
+    if all("failed" not in row for row in rows.values()):
+        base, ours = rows["baseline"], rows["ours"]
+        figures["speedup"] = base["seconds_per_step"] / ours["seconds_per_step"]
+        figures["peak_memory_ratio"] = ours["peak_rss_bytes"] / base["peak_rss_bytes"]
+        figures["step_memory_ratio"] = ((ours["peak_rss_bytes"] - ours["rss_before_bytes"])
+                                        / (base["peak_rss_bytes"] - base["rss_before_bytes"]))
+        print(f"  batch {batch_size}: ours {figures['speedup']:.2f}× faster, peak RSS "
+              f"{figures['peak_memory_ratio']:.2f} of the baseline's (memory the step adds: "
+              f"{figures['step_memory_ratio']:.2f})")
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 16, one timed step: a check that it runs")
@@ -195,25 +230,42 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.variant, batch_size, steps)))
         return
     worst = check_same_gradients(args.variant)
-    print(f"{args.variant}, batch {batch_size}: same gradients as the baseline (largest difference {worst:.1e}); "
+    print(f"{args.variant}: same gradients as the baseline (largest difference {worst:.1e}); "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
-    rows = {impl: run_worker(impl, args.variant, batch_size, steps) for impl in ("baseline", "ours")}
-    for impl, row in rows.items():
-        if "failed" in row:
-            print(f"{impl:8s}: failed (exit {row['failed']}): {' | '.join(row['stderr'])}")
-        else:
-            print(f"{impl:8s}: {row['seconds_per_step']:7.2f} s a step, peak RSS "
-                  f"{row['peak_rss_bytes'] / 2**30:6.2f} GiB (before the first step "
-                  f"{row['rss_before_bytes'] / 2**30:.2f} GiB)")
-    figures: dict[str, Any] = {"benchmark": "train_step", "variant": args.variant, "batch": batch_size, **rows}
-    if all("failed" not in row for row in rows.values()):
-        base, ours = rows["baseline"], rows["ours"]
-        figures["speedup"] = base["seconds_per_step"] / ours["seconds_per_step"]
-        figures["peak_memory_ratio"] = ours["peak_rss_bytes"] / base["peak_rss_bytes"]
-        figures["step_memory_ratio"] = ((ours["peak_rss_bytes"] - ours["rss_before_bytes"])
-                                        / (base["peak_rss_bytes"] - base["rss_before_bytes"]))
-        print(f"ours: {figures['speedup']:.2f}× faster, peak RSS {figures['peak_memory_ratio']:.2f} of the baseline's "
-              f"(memory added by the step: {figures['step_memory_ratio']:.2f})")
+    figures: dict[str, Any] = {"benchmark": "train_step", "variant": args.variant}
+    # The baseline's step memory grows with B²; a batch it cannot hold here is not run, but
+    # both sides are compared at the largest batch that fits and ours also runs at B.
+    probe = min(batch_size, 32)
+    first = compare(args.variant, probe, steps)
+    figures["runs"] = [first]
+    base = first.get("baseline", {})
+    if batch_size > probe and "peak_rss_bytes" in base:
+        step_bytes = base["peak_rss_bytes"] - base["rss_before_bytes"]
+        fits = probe
+        while fits * 2 <= batch_size and base["rss_before_bytes"] + step_bytes * (2 * fits / probe) ** 2 \
+                < 0.7 * _available_bytes():
+            fits *= 2
+        if fits > probe:
+            figures["runs"].append(compare(args.variant, fits, steps))
+        if fits < batch_size:
+            scale = (batch_size / fits) ** 2
+            largest = figures["runs"][-1]["baseline"]
+            predicted = {"seconds_per_step_at_least": largest["seconds_per_step"] * batch_size / fits,
+                         "peak_rss_bytes": largest["rss_before_bytes"]
+                         + (largest["peak_rss_bytes"] - largest["rss_before_bytes"]) * scale}
+            ours = run_worker("ours", args.variant, batch_size, steps)
+            at_batch: dict[str, Any] = {"batch": batch_size, "ours": ours, "baseline_extrapolated": predicted}
+            figures["at_batch"] = at_batch
+            if "failed" not in ours:
+                at_batch["speedup_at_least"] = predicted["seconds_per_step_at_least"] / ours["seconds_per_step"]
+                at_batch["peak_memory_ratio"] = ours["peak_rss_bytes"] / predicted["peak_rss_bytes"]
+            print(f"  batch {batch_size}: the baseline would need about {predicted['peak_rss_bytes'] / 2**30:.1f} GiB "
+                  f"(its step memory grows with B², from batch {fits}); not run. Ours: "
+                  + (f"{ours['seconds_per_step']:.2f} s a step, peak RSS {ours['peak_rss_bytes'] / 2**30:.2f} GiB "
+                     f"(≥ {figures['at_batch']['speedup_at_least']:.2f}× faster, taking the baseline's time as linear "
+                     f"in B; {figures['at_batch']['peak_memory_ratio']:.2f} of its memory)"
+                     if "failed" not in ours else f"failed: {ours['stderr']}"))
+    figures["load_average_after"] = os.getloadavg()
     record(figures)
 
 

@@ -8,11 +8,15 @@ Only node 0 of the last layer is ever read out, so each layer also has
 equations with fewer FLOPs, by associativity:
 
 - the query/key (φ/ψ) pair enters only through φ(s_a)·ψ(s_b) = (s_a A + c)·s_b + s_a·u + β
-  with A = W_φᵀ W_ψ: one m×m matrix instead of two projections. Under a row softmax the
-  row term s_a·u + β cancels; it is kept (one extra GEMM column) so that every parameter
-  gets its gradient, as in the unfolded layer (DDP needs every parameter used);
+  with A = W_φᵀ W_ψ: one m×m product instead of two projections. Under a row softmax the
+  row term s_a·u + β cancels; it is kept (a matrix-vector product) so that every parameter
+  gets its gradient, as in the unfolded layer (DistributedDataParallel needs every
+  parameter used);
 - a projection after a product with the relation matrix is moved before it
   (W(R S) = R (S Wᵀ) + (R 1) bᵀ), so consecutive projections fold into one matrix.
+
+`fold()` forms the folded weights (in float64, so folding adds no rounding of its own);
+`SimilarityHead` forms them once per call and passes them to every group of pairs.
 """
 
 from __future__ import annotations
@@ -23,16 +27,12 @@ from torch import Tensor, nn
 from matching.tensors import xavier_init_
 
 
-def _fold(first: nn.Linear, second: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
-    """first(x)·second(y) = (x A + c)·y + x·u + β: ([A | u] (m, m+1), c (m,), β ()).
-
-    The products of weights are formed in float64 so folding adds no rounding of its own.
-    """
+def _fold(first: nn.Linear, second: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """first(x)·second(y) = (x A + c)·y + x·u + β: (A (m, m), c (m,), u (m,), β ())."""
     w1, b1 = first.weight.double(), first.bias.double()
     w2, b2 = second.weight.double(), second.bias.double()
     dtype = first.weight.dtype
-    return (torch.cat([w1.t() @ w2, (w1.t() @ b2).unsqueeze(1)], 1).to(dtype), (w2.t() @ b1).to(dtype),
-            (b1 @ b2).to(dtype))
+    return (w1.t() @ w2).to(dtype), (w2.t() @ b1).to(dtype), (w1.t() @ b2).to(dtype), (b1 @ b2).to(dtype)
 
 
 def _masked_softmax(logits: Tensor, mask: Tensor | None) -> Tensor:
@@ -40,6 +40,15 @@ def _masked_softmax(logits: Tensor, mask: Tensor | None) -> Tensor:
     if mask is not None:
         logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def _bilinear_logits(rows: Tensor, nodes: Tensor, a: Tensor, c: Tensor, u: Tensor, beta: Tensor) -> Tensor:
+    """first(s_r)·second(s_b) for some rows (N, r, m) against all nodes (N, n, m) → (N, r, n)."""
+    n_rows, m = rows.shape[1:]
+    flat = rows.reshape(-1, m)
+    queries = torch.addmm(c, flat, a).view(-1, n_rows, m)  # (N, r, m): s_r A + c
+    row_term = (flat @ u).view(-1, n_rows, 1) + beta  # (N, r, 1): s_r·u + β
+    return torch.baddbmm(row_term, queries, nodes.transpose(1, 2))
 
 
 class HSRLayer(nn.Module):
@@ -61,16 +70,16 @@ class HSRLayer(nn.Module):
         xavier_init_(self)
 
     def fold(self) -> tuple[Tensor, ...]:
-        """[A | u | B] (m, 2m+1), c (m,), β (), c_r (m,) with B = W_gᵀ W_rᵀ and c_r = W_r b_g."""
-        relation_w, relation_c, relation_b = _fold(self.phi, self.psi)
-        message_w = (self.w_g.weight.double().t() @ self.w_r.weight.double().t()).to(relation_w.dtype)
-        message_c = (self.w_r.weight.double() @ self.w_g.bias.double()).to(relation_w.dtype)
-        return torch.cat([relation_w, message_w], 1), relation_c, relation_b, message_c
+        """(A, c, u, β) of φ·ψ, and (B, c_r) with W_r(R' W_g(S)) = R' S B + (R' 1) c_rᵀ + b_r."""
+        a, c, u, beta = _fold(self.phi, self.psi)
+        message = (self.w_g.weight.double().t() @ self.w_r.weight.double().t()).to(a.dtype)  # B = W_gᵀ W_rᵀ
+        message_c = (self.w_r.weight.double() @ self.w_g.bias.double()).to(a.dtype)  # c_r = W_r b_g
+        return a, c, u, beta, message, message_c
 
-    def _relation_rows(self, products: Tensor, c: Tensor, beta: Tensor, nodes: Tensor, mask: Tensor | None) -> Tensor:
-        """R for some rows: products = rows·[A | u] (N, r, m+1), nodes (N, n, m) → (N, r, n), zero where padded."""
-        m = nodes.shape[2]
-        relation = torch.baddbmm((products[..., m:] + beta), products[..., :m] + c, nodes.transpose(1, 2))
+    def _relation(self, rows: Tensor, nodes: Tensor, mask: Tensor | None, folded: tuple[Tensor, ...]) -> Tensor:
+        """R for some rows (N, r, m) → (N, r, n), zero in padded rows and columns."""
+        a, c, u, beta = folded[:4]
+        relation = _bilinear_logits(rows, nodes, a, c, u, beta)
         if self.relation_norm == "softmax":
             relation = _masked_softmax(relation, mask)
         if mask is not None:
@@ -81,31 +90,30 @@ class HSRLayer(nn.Module):
 
     def relation(self, nodes: Tensor, mask: Tensor | None) -> Tensor:
         """The gated relation matrix R' (N, n, n), zero in every padded row and column."""
-        folded, c, beta, _ = self.fold()
-        m = nodes.shape[2]
-        relation = self._relation_rows(nodes @ folded[:, : m + 1], c, beta, nodes, mask)
+        relation = self._relation(nodes, nodes, mask, self.fold())
         return relation * torch.sigmoid(self.context(relation.unsqueeze(1)).squeeze(1))
 
     def forward(self, nodes: Tensor, mask: Tensor | None, folded: tuple[Tensor, ...] | None = None) -> Tensor:
         """nodes (N, n, m), mask (N, n) or None → nodes (N, n, m). `folded`: `fold()`'s result, if at hand."""
-        folded, c, beta, message_c = folded or self.fold()
+        folded = folded or self.fold()
+        message, message_c = folded[4:]
         n, m = nodes.shape[1:]
-        products = (nodes.reshape(-1, m) @ folded).view(-1, n, 2 * m + 1)  # (N, n, 2m+1): [S A | S u | S B]
-        relation = self._relation_rows(products[..., : m + 1], c, beta, nodes, mask)
+        relation = self._relation(nodes, nodes, mask, folded)
         gated = relation * torch.sigmoid(self.context(relation.unsqueeze(1)).squeeze(1))  # (N, n, n)
-        messages = torch.baddbmm(gated.sum(2, keepdim=True) * message_c, gated, products[..., m + 1:])  # (N, n, m)
+        projected = (nodes.reshape(-1, m) @ message).view(-1, n, m)  # (N, n, m): S B
+        messages = torch.baddbmm(gated.sum(2, keepdim=True) * message_c, gated, projected)  # (N, n, m)
         return messages.add_(nodes).add_(self.w_r.bias)  # S + W_r(R' W_g(S)), without temporaries
 
     def read_out(self, nodes: Tensor, mask: Tensor | None, folded: tuple[Tensor, ...] | None = None) -> Tensor:
         """Node 0 of `forward(nodes, mask)`: (N, m). Needs R's rows 0 and 1 only (the conv's reach)."""
-        folded, c, beta, message_c = folded or self.fold()
-        m = nodes.shape[2]
-        relation = self._relation_rows(nodes[:, :2] @ folded[:, : m + 1], c, beta, nodes, mask)  # (N, r ≤ 2, n)
+        folded = folded or self.fold()
+        message, message_c = folded[4:]
+        relation = self._relation(nodes[:, :2], nodes, mask, folded)  # (N, r ≤ 2, n)
         # Output row 0 of a 3×3 conv with zero padding sees input rows -1 (zero), 0 and 1.
         gate = torch.sigmoid(self.context(relation.unsqueeze(1))[:, 0, 0])  # (N, n)
         gated = relation[:, 0] * gate  # (N, n)
         pooled = torch.bmm(gated.unsqueeze(1), nodes).squeeze(1)  # (N, m): R'_0 S
-        return nodes[:, 0] + pooled @ folded[:, m + 1:] + gated.sum(1, keepdim=True) * message_c + self.w_r.bias
+        return torch.addmm(nodes[:, 0] + gated.sum(1, keepdim=True) * message_c + self.w_r.bias, pooled, message)
 
 
 class SGRLayer(nn.Module):
@@ -119,31 +127,19 @@ class SGRLayer(nn.Module):
         xavier_init_(self)
 
     def fold(self) -> tuple[Tensor, ...]:
-        """[A | u | W_uᵀ] (m, 2m+1), c (m,), β (): q(S) k(S)ᵀ = (S A + c) Sᵀ + (S u + β) 1ᵀ."""
-        relation_w, relation_c, relation_b = _fold(self.query, self.key)
-        return torch.cat([relation_w, self.update.weight.t()], 1), relation_c, relation_b
-
-    def _edges(self, products: Tensor, c: Tensor, beta: Tensor, nodes: Tensor, mask: Tensor | None) -> Tensor:
-        """softmax_rows(q(S) k(S)ᵀ) for some rows: products = rows·[A | u] (N, r, m+1) → (N, r, n)."""
-        m = nodes.shape[2]
-        logits = torch.baddbmm(products[..., m:] + beta, products[..., :m] + c, nodes.transpose(1, 2))
-        return _masked_softmax(logits, mask)
+        """(A, c, u, β): q(S) k(S)ᵀ = (S A + c) Sᵀ + (S u + β) 1ᵀ."""
+        return _fold(self.query, self.key)
 
     def forward(self, nodes: Tensor, mask: Tensor | None, folded: tuple[Tensor, ...] | None = None) -> Tensor:
         """nodes (N, n, m), mask (N, n) or None → nodes (N, n, m). `folded`: `fold()`'s result, if at hand."""
-        folded, c, beta = folded or self.fold()
-        n, m = nodes.shape[1:]
-        products = (nodes.reshape(-1, m) @ folded).view(-1, n, 2 * m + 1)  # (N, n, 2m+1): [S A | S u | S W_uᵀ]
-        edges = self._edges(products[..., : m + 1], c, beta, nodes, mask)  # (N, n, n)
-        # Rows of `edges` sum to one, so W_u(E S) + b = E (S W_uᵀ) + b.
-        return torch.relu(torch.baddbmm(self.update.bias, edges, products[..., m + 1:]))
+        edges = _masked_softmax(_bilinear_logits(nodes, nodes, *(folded or self.fold())), mask)  # (N, n, n)
+        updated = self.update(nodes)  # (N, n, m): S W_uᵀ + b, as rows of `edges` sum to one
+        return torch.relu(torch.bmm(edges, updated))  # W_u(E S) + b = E (S W_uᵀ + 1 bᵀ)
 
     def read_out(self, nodes: Tensor, mask: Tensor | None, folded: tuple[Tensor, ...] | None = None) -> Tensor:
         """Node 0 of `forward(nodes, mask)`: (N, m)."""
-        folded, c, beta = folded or self.fold()
-        m = nodes.shape[2]
-        edges = self._edges(nodes[:, :1] @ folded[:, : m + 1], c, beta, nodes, mask)  # (N, 1, n)
-        return torch.relu(torch.bmm(edges, nodes).squeeze(1) @ folded[:, m + 1:] + self.update.bias)
+        edges = _masked_softmax(_bilinear_logits(nodes[:, :1], nodes, *(folded or self.fold())), mask)  # (N, 1, n)
+        return torch.relu(self.update(torch.bmm(edges, nodes).squeeze(1)))
 
 
 def build_reasoning(kind: str, sim_dim: int, steps: int, relation_norm: str = "softmax") -> nn.ModuleList:

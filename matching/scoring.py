@@ -99,17 +99,16 @@ def bytes_per_pair(num_regions: int, num_words: int, embed_size: int, sim_dim: i
     The d-sized attended vectors live in chunks of rows (see `chunk_bytes`), so a pair
     holds only what is alive in the head's largest phase: a stream's attention maps (K·L,
     four of them) with its projected nodes (L·m, or 2·K·m), the node matrix being put
-    together, or a reasoning layer's input
-    nodes (and the first layer's), its [S A | S u | S B] products (n·(2m+1)), five n×n
-    relation matrices and two n×m messages. `tests/test_fast_paths.py` holds this against
-    the peak measured by torch's profiler. `embed_size` is unused: nothing d-sized is kept
-    per pair.
+    together, or a reasoning layer's input nodes (and the first layer's), its query and
+    message products and output (three n×m) and five n×n relation matrices.
+    `tests/test_fast_paths.py` holds this against the peak measured by torch's profiler.
+    `embed_size` is unused: nothing d-sized is kept per pair.
     """
     del embed_size
     k, length, m, steps = num_regions, num_words, sim_dim, reasoning_steps
 
     def reasoning(n: int) -> int:
-        return (2 if steps >= 2 else 1) * n * m + n * (2 * m + 1) + 5 * n * n + 2 * n * m
+        return (2 if steps >= 2 else 1) * n * m + 3 * n * m + 5 * n * n
 
     phases = []
     if streams in ("i2t", "both"):  # attention and projection; the node matrix made; reasoning
