@@ -26,7 +26,7 @@ a lower bound since its pairs grow as B²).
 
 Each run appends one JSON line to benchmarks/results/bench_train.jsonl.
 
-    python benchmarks/bench_train.py [--quick] [--batch 128] [--variant tshsr] [--steps 2]
+    python benchmarks/bench_train.py [--quick] [--batch 128] [--variant tshsr] [--steps 1]
 """
 
 from __future__ import annotations
@@ -221,11 +221,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 16, one timed step: a check that it runs")
     parser.add_argument("--batch", type=int, help="batch size (default 128)")
     parser.add_argument("--variant", default="tshsr", choices=["tshsr", "hsr", "hsr-t2i", "sgr"])
-    parser.add_argument("--steps", type=int, help="timed steps after a warm-up step (default 2)")
+    parser.add_argument("--steps", type=int, help="timed steps after a warm-up step (default 1)")
     parser.add_argument("--worker", choices=["baseline", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     batch_size = args.batch or (16 if args.quick else 128)
-    steps = args.steps or (1 if args.quick else 2)
+    steps = args.steps or 1
     if args.worker:
         print(json.dumps(worker(args.worker, args.variant, batch_size, steps)))
         return

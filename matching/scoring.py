@@ -296,8 +296,10 @@ def score_matrix(
                 model, images, device, batch_size)
             groups = length_groups(encode_captions(model, captions, device, batch_size))
             # Images in order of their box counts: a block is cut to its most boxes.
-            image_order = torch.argsort(image_emb.mask.sum(1).cpu(), stable=True)
-            image_emb = image_emb.select(image_order.to(device))
+            box_counts = image_emb.mask.sum(1).cpu()
+            image_order = torch.argsort(box_counts, stable=True)
+            if bool((box_counts != box_counts[0]).any()):
+                image_emb = image_emb.select(image_order.to(device))
             rows_of = image_order.numpy()
             n_images, num_regions, embed_size = image_emb.local.shape
             head = model.head
