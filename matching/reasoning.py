@@ -15,7 +15,7 @@ equations with fewer FLOPs, by associativity:
 - a projection after a product with the relation matrix is moved before it
   (W(R S) = R (S Wᵀ) + (R 1) bᵀ), so consecutive projections fold into one matrix.
 
-`fold()` forms the folded weights (in float64, so folding adds no rounding of its own);
+`fold()` forms the folded weights (in float64, rounded once to the weights' dtype);
 `SimilarityHead` forms them once per call and passes them to every group of pairs.
 """
 
