@@ -33,9 +33,9 @@ class TSHSR(nn.Module):
         """tokens (B, L), lengths (B,) → Embedded (B, L, d)."""
         return self.text_encoder(tokens, lengths)
 
-    def pair_scores(self, images: Embedded, captions: Embedded) -> Tensor:
-        """Scores of every (image, caption) pair: (Bi, Bc)."""
-        return self.head(images, captions)
+    def pair_scores(self, images: Embedded, captions: Embedded, *, chunk_rows: int | None = None) -> Tensor:
+        """Scores of every (image, caption) pair: (Bi, Bc). `chunk_rows`: see `SimilarityHead`."""
+        return self.head(images, captions, chunk_rows=chunk_rows)
 
     def forward(self, features: Tensor, num_boxes: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
         """A batch's full score matrix (B_images, B_captions); the diagonal holds the positives."""

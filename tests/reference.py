@@ -176,3 +176,67 @@ def reference_scores(model, cfg, features, num_boxes, captions) -> torch.Tensor:
                   for i in range(len(features))]
         texts = [encode_text(p, list(c), cfg.bidirectional, cfg.normalize_text) for c in captions]
         return torch.tensor([[pair_score(p, cfg, im, tx) for tx in texts] for im in images])
+
+
+# ----------------------------------------------------------------------------------------------
+# The same pair score with tensor operations (still one pair at a time, unpadded), so that
+# gradients can be taken through it. `p` maps state-dict names to the live parameters.
+
+
+def conv3x3_shifted(p: dict, name: str, matrix: torch.Tensor) -> torch.Tensor:
+    """A 3×3 convolution with zero padding as the sum of nine shifted copies (differentiable)."""
+    kernel, bias = p[f"{name}.weight"][0, 0], p[f"{name}.bias"][0]
+    n = matrix.shape[0]
+    padded = torch.nn.functional.pad(matrix, (1, 1, 1, 1))
+    return bias + sum(kernel[r, c] * padded[r:r + n, c:c + n] for r in range(3) for c in range(3))
+
+
+def hsr_layer_tensor(p: dict, name: str, nodes: torch.Tensor, relation_norm: str = "softmax") -> torch.Tensor:
+    """Eq. 4-6 on unpadded nodes (n, m), in matrix form."""
+    relation = linear(p, f"{name}.phi", nodes) @ linear(p, f"{name}.psi", nodes).T
+    if relation_norm == "softmax":
+        relation = torch.softmax(relation, dim=1)
+    gated = relation * torch.sigmoid(conv3x3_shifted(p, f"{name}.context", relation))
+    return nodes + linear(p, f"{name}.w_r", gated @ linear(p, f"{name}.w_g", nodes))
+
+
+def pair_vector(p: dict, cfg, V: torch.Tensor, v_bar: torch.Tensor, T: torch.Tensor,
+                t_bar: torch.Tensor) -> torch.Tensor:
+    """S* (m,) of one pair from its unpadded encodings V (K, d), v̄ (d,), T (L, d), t̄ (d,)."""
+    cos = V @ T.T  # (K, L)
+    c = torch.relu(cos) if cfg.attention_clip == "relu" else torch.where(cos > 0, cos, 0.1 * cos)
+    g = vector_similarity(p, "head.sim_global.proj", v_bar, t_bar)
+
+    def read_out(nodes: torch.Tensor, stream: str) -> torch.Tensor:
+        if cfg.reasoning_steps == 0 or cfg.reasoning_stream != stream:
+            return nodes.mean(0)
+        for step in range(cfg.reasoning_steps):
+            name = f"head.reasoning.{step}"
+            nodes = (hsr_layer_tensor(p, name, nodes, cfg.relation_norm) if cfg.reasoning == "hsr"
+                     else sgr_layer(p, name, nodes))
+        return nodes[0]
+
+    fused = torch.zeros_like(g)
+    if cfg.streams in ("i2t", "both"):  # Eq. 2: c̄ over the words of each region, softmax over regions
+        alpha = torch.softmax(cfg.lambda_i2t * c / (torch.sqrt((c * c).sum(1, keepdim=True)) + EPS), dim=0)
+        attended = l2n(alpha.T @ V)  # (L, d)
+        local = vector_similarity(p, "head.sim_local.proj", attended, T)
+        fused = fused + read_out(torch.cat([g[None], local]), "i2t")
+    if cfg.streams in ("t2i", "both"):  # Eq. 3: c̄ over the regions of each word, softmax over words
+        beta = torch.softmax(cfg.lambda_t2i * c / (torch.sqrt((c * c).sum(0, keepdim=True)) + EPS), dim=1)
+        attended = l2n(beta @ T)  # (K, d)
+        local = vector_similarity(p, "head.sim_local.proj", V, attended)
+        fused = fused + read_out(torch.cat([g[None], local]), "t2i")
+    return fused
+
+
+def head_scores(model, cfg, images, captions) -> torch.Tensor:
+    """(Bi, Bc) scores of encoded, padded batches (`Embedded`), pair by pair; differentiable."""
+    p = dict(model.named_parameters())
+    boxes, lengths = images.mask.sum(1).tolist(), captions.mask.sum(1).tolist()
+    rows = []
+    for i, k in enumerate(boxes):
+        row = [pair_vector(p, cfg, images.local[i, :k], images.glob[i], captions.local[c, :n], captions.glob[c])
+               for c, n in enumerate(lengths)]
+        rows.append(torch.sigmoid(linear(p, "head.score", torch.stack(row)))[:, 0])
+    return torch.stack(rows)
