@@ -93,7 +93,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> t
     """
     payload = load_payload(path)
     try:
-        config = Config.from_dict(payload["config"])
+        config = Config.from_checkpoint(payload["config"])
         vocab = Vocabulary(payload["vocab"])
         model = build_network(config)
         model.load_state_dict(payload["model"])

@@ -153,6 +153,9 @@ class TrainConfig:
     margin: float = 0.2  # α of the triplet loss (Eq. 9)
     hardest_negatives: bool = True  # max over negatives (VSE++); False sums all negatives
     warmup_epochs: int = 0  # epochs that sum all negatives before switching to the hardest
+    # Weight of the same hinge on the global vectors' cosines cos(v̄, t̄), added to the loss: it trains
+    # the first stage of two-stage retrieval (`evaluate --shortlist`). 0 = off (the paper's loss alone).
+    global_loss_weight: float = 1.0
     learning_rate: float = 2e-4  # Adam
     lr_decay_epoch: int = 10  # epoch at which the learning rate is multiplied by lr_decay
     lr_decay: float = 0.1
@@ -178,8 +181,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, not {getattr(self, name)}")
         if self.batch_size < 2:
             raise ConfigError("train.batch_size must be at least 2: the loss needs negatives in the batch")
-        for name in ("margin", "warmup_epochs", "lr_decay_epoch", "lr_decay", "grad_clip", "workers",
-                     "val_images", "checkpoint_every", "log_every"):
+        for name in ("margin", "global_loss_weight", "warmup_epochs", "lr_decay_epoch", "lr_decay", "grad_clip",
+                     "workers", "val_images", "checkpoint_every", "log_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must not be negative, not {getattr(self, name)}")
         return self
@@ -199,7 +202,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # HMRN's recipe (its opts.py): Adam 4e-4, batch 128, gradient clipping 2, 150 epochs with lr × 0.1
     # from epoch 75, validation on all val images. The default of the multi-query task.
     "hmrn": {"learning_rate": 4e-4, "batch_size": 128, "grad_clip": 2.0, "epochs": 150, "lr_decay_epoch": 75,
-             "lr_decay": 0.1, "val_images": 0},
+             "lr_decay": 0.1, "val_images": 0, "global_loss_weight": 0.0},  # HMRN's loss has its own global term
 }
 TASK_DEFAULT_PRESET = {"matching": None, "multi-query": "hmrn"}
 
@@ -234,6 +237,18 @@ class Config:
         return cls(model=_build(MODEL_CONFIGS[task], payload.get("model", {}), "model").validate(),
                    train=_build(TrainConfig, payload.get("train", {}), "train").validate(), task=task)
 
+    @classmethod
+    def from_checkpoint(cls, payload: dict[str, Any]) -> Config:
+        """The config saved in a checkpoint, read as the run that wrote it trained.
+
+        A matching checkpoint saved before `train.global_loss_weight` existed was trained without
+        the global loss, so a saved train section that lacks the field means 0, not today's default.
+        """
+        train = payload.get("train") if isinstance(payload, dict) else None
+        if isinstance(train, dict) and train and "global_loss_weight" not in train:
+            payload = {**payload, "train": {**train, "global_loss_weight": 0.0}}
+        return cls.from_dict(payload)
+
     def updated(self, model: dict[str, Any] | None = None, train: dict[str, Any] | None = None) -> Config:
         """A copy with some fields replaced (checked like a config file)."""
         payload = self.to_dict()
@@ -241,6 +256,9 @@ class Config:
         payload["train"].update(train or {})
         return Config.from_dict(payload)
 
+
+# faiss indexes of two-stage retrieval's first stage (`matching.shortlist`): exact, inverted file, HNSW graph.
+INDEX_KINDS = ("flat", "ivf", "hnsw")
 
 MODEL_CONFIGS: dict[str, type] = {"matching": ModelConfig, "multi-query": MultiQueryConfig}
 

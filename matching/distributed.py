@@ -89,12 +89,15 @@ class GlobalBatchScores(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, features: Tensor, num_boxes: Tensor, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """→ (rows (b, G): local images × global captions, cols (G, b): global images × local captions)."""
+    def forward(self, features: Tensor, num_boxes: Tensor, tokens: Tensor,
+                lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """→ (rows (b, G): local images × global captions, cols (G, b): global images × local captions,
+        and the same two for the global vectors' cosines)."""
         images = self.model.encode_images(features, num_boxes)
         captions = self.model.encode_captions(tokens, lengths)
         all_images, all_captions = gather_embedded(images), gather_embedded(captions)
-        return self.model.pair_scores(images, all_captions), self.model.pair_scores(all_images, captions)
+        return (self.model.pair_scores(images, all_captions), self.model.pair_scores(all_images, captions),
+                self.model.global_scores(images, all_captions), self.model.global_scores(all_images, captions))
 
 
 def score_matrix_ranks(model: TSHSR, images: ImageSource, captions: Sequence[Sequence[int]], launch: Launch,

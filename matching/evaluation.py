@@ -75,10 +75,15 @@ def _summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
     }
 
 
-def recall_metrics(sims: np.ndarray, captions_per_image: int = 5) -> dict[str, float]:
-    """R@1/5/10 (percent), medr and meanr in both directions, and rsum (the six recalls summed)."""
+def recall_metrics(sims: np.ndarray, captions_per_image: int = 5, *,
+                   t2i_sims: np.ndarray | None = None) -> dict[str, float]:
+    """R@1/5/10 (percent), medr and meanr in both directions, and rsum (the six recalls summed).
+
+    `t2i_sims`: a separate matrix to rank images for each caption (two-stage retrieval ranks
+    each direction by its own shortlist); default `sims` for both directions.
+    """
     metrics = _summary(i2t_ranks(sims, captions_per_image), "i2t")
-    metrics.update(_summary(t2i_ranks(sims, captions_per_image), "t2i"))
+    metrics.update(_summary(t2i_ranks(sims if t2i_sims is None else t2i_sims, captions_per_image), "t2i"))
     metrics["rsum"] = sum(metrics[f"{d}_{k}"] for d in ("i2t", "t2i") for k in RECALL_KEYS)
     return metrics
 
@@ -93,13 +98,29 @@ def fold_metrics(sims: np.ndarray, fold_images: int, captions_per_image: int = 5
     n = sims.shape[0]
     if n % fold_images or n == 0:
         raise MetricsError(f"{n} images do not split into folds of {fold_images}")
-    folds = []
-    for f in range(n // fold_images):
-        rows = slice(f * fold_images, (f + 1) * fold_images)
-        cols = slice(f * fold_images * captions_per_image, (f + 1) * fold_images * captions_per_image)
-        folds.append(recall_metrics(sims[rows, cols], captions_per_image))
-    mean = {key: float(np.mean([fold[key] for fold in folds])) for key in METRIC_KEYS}
-    return {**mean, "folds": folds}
+    folds = [recall_metrics(sims[rows, cols], captions_per_image)
+             for rows, cols in galleries(n, fold_images, captions_per_image)]
+    return mean_of_folds(folds)
+
+
+def mean_of_folds(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every numeric key averaged over the folds (rsum: the mean rsum), the folds' own under "folds"."""
+    keys = [key for key, value in folds[0].items() if isinstance(value, (int, float))]
+    return {**{key: float(np.mean([fold[key] for fold in folds])) for key in keys}, "folds": folds}
+
+
+def galleries(n_images: int, gallery_images: int, captions_per_image: int = 5) -> list[tuple[slice, slice]]:
+    """(image rows, caption columns) of consecutive galleries of `gallery_images` images each."""
+    cpi = captions_per_image
+    return [(slice(start, start + gallery_images), slice(start * cpi, (start + gallery_images) * cpi))
+            for start in range(0, n_images - gallery_images + 1, gallery_images)]
+
+
+def protocol_galleries(n_images: int, protocol: str,
+                       captions_per_image: int = 5) -> dict[str, list[tuple[slice, slice]]]:
+    """{protocol name: its galleries}: the five 1000-image folds for coco1k, all images otherwise."""
+    return {name: galleries(n_images, COCO_FOLD_IMAGES if name == "coco1k" else n_images, captions_per_image)
+            for name in protocol_names(n_images, protocol)}
 
 
 def protocol_names(n_images: int, protocol: str) -> list[str]:

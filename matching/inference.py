@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ class EvaluationResult:
     """An evaluation of one checkpoint or an ensemble, for either task."""
 
     results: dict[str, Any]  # matching: {protocol name: metrics}; multi-query: {"rounds": [{"round", "r1", …}]}
-    sims: np.ndarray  # matching: (n_images, n_images · cpi); multi-query: (rounds, n_sets, n_images)
+    sims: np.ndarray | None  # matching: (n_images, n_images · cpi); multi-query: (rounds, n_sets, n_images)
     image_ids: list[str]
     num_captions: int  # captions (matching) or query sets (multi-query)
     split: str | None
     sources: list[str]  # the checkpoints and score files averaged
     task: str = "matching"
+    shortlist: dict[str, Any] | None = None  # two-stage retrieval: {protocol: ShortlistReport}; sims is then None
 
     def to_json(self, **context: Any) -> dict[str, Any]:
         """The metrics file's content (`write_metrics`), with `context` (paths, …) first.
@@ -50,7 +52,10 @@ class EvaluationResult:
 
         if self.task == "multi-query":
             return format_round_table(self.results, round_chance(len(self.image_ids)))
-        return format_table(self.results)
+        lines = [format_table(self.results)]
+        for name, report in (self.shortlist or {}).items():
+            lines.append(f"{name}: {report.line()}")
+        return "\n".join(lines)
 
 
 def write_metrics(path: str | os.PathLike, result: EvaluationResult, **context: Any) -> Path:
@@ -118,6 +123,9 @@ def evaluate_checkpoint(
     batch_size: int = 128,
     memory_budget: int | None = None,
     progress: bool = False,
+    shortlist: int | None = None,
+    shortlist_index: str = "flat",
+    log: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
     """Score a split's images against its captions (or query sets) and compute the retrieval metrics.
 
@@ -127,7 +135,13 @@ def evaluate_checkpoint(
     gives the per-round metrics of every test image; `protocol` and `captions_per_image`
     concern the matching task only. Under torchrun the images are shared among the ranks and
     every rank gets the same result.
+
+    `shortlist` = K evaluates matching models by two-stage retrieval (`matching.shortlist`):
+    each caption re-ranks its K best images by global cosine, each image its cpi·K best
+    captions; the result then has no score matrix, and a `ShortlistReport` per protocol. `log`
+    gets a progress line with the ETA every 30 s when no progress bar is shown.
     """
+    from extract.runtime import Launch, resolve_device
     from matching.distributed import images_split_among_ranks, score_matrix_ranks, setup, teardown
     from matching.multiquery_data import is_query_file
 
@@ -159,6 +173,27 @@ def evaluate_checkpoint(
         protocol_names(len(image_ids), protocol)  # fail before scoring
         shape = (len(image_ids), len(ordered))
         count = len(ordered)
+    if shortlist is not None:
+        if task == "multi-query":
+            raise MetricsError("--shortlist re-ranks a matching model's global-vector shortlist; a multi-query "
+                               "model scores every image of the gallery")
+        if sims_files:
+            raise MetricsError("--shortlist scores only the shortlisted pairs: it cannot be averaged with full "
+                               "score matrices (--sims)")
+        if Launch.from_env().world_size > 1:
+            raise MetricsError("--shortlist runs in one process; start evaluate without torchrun")
+        from matching.shortlist import two_stage_metrics
+
+        device_t = resolve_device(device)
+        results, reports = two_stage_metrics(
+            [model for model, _, _ in loaded], StoreImages(store, image_ids),
+            [[vocab.encode(c.text) for c in ordered] for _, _, vocab in loaded], k=shortlist, protocol=protocol,
+            captions_per_image=captions_per_image, kind=shortlist_index, device=device_t, batch_size=batch_size,
+            progress=progress, log=log)
+        for name, report in reports.items():
+            results[name]["shortlist"] = dataclasses.asdict(report)
+        return EvaluationResult(results, None, image_ids, count, split, [str(p) for p in checkpoints],
+                                shortlist=reports)
     matrices = [load_sims(path, shape) for path in sims_files]
     launch, device_t = setup(device) if loaded else (None, None)
     try:
@@ -172,7 +207,8 @@ def evaluate_checkpoint(
             else:
                 tokens = [vocab.encode(c.text) for c in ordered]
                 matrices.append(score_matrix_ranks(model, images, tokens, launch, device_t, batch_size=batch_size,
-                                                   memory_budget=memory_budget, progress=progress and launch.is_main))
+                                                   memory_budget=memory_budget, progress=progress and launch.is_main,
+                                                   log=log if launch.is_main else None))
     finally:
         if launch is not None:
             teardown(launch)

@@ -37,6 +37,12 @@ class TSHSR(nn.Module):
         """Scores of every (image, caption) pair: (Bi, Bc). `chunk_rows`: see `SimilarityHead`."""
         return self.head(images, captions, chunk_rows=chunk_rows)
 
+    @staticmethod
+    def global_scores(images: Embedded, captions: Embedded) -> Tensor:
+        """cos(v̄, t̄) of every (image, caption) pair: (Bi, Bc), float32. The global vectors are unit
+        length, so this is their inner product: the first stage of two-stage retrieval."""
+        return images.glob.float() @ captions.glob.float().t()
+
     def forward(self, features: Tensor, num_boxes: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
         """A batch's full score matrix (B_images, B_captions); the diagonal holds the positives."""
         return self.pair_scores(self.encode_images(features, num_boxes),

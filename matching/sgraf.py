@@ -127,6 +127,9 @@ def import_sgraf(path: str | os.PathLike, vocab_path: str | os.PathLike,
     config.train.learning_rate = float(getattr(opt, "learning_rate", config.train.learning_rate))
     config.train.batch_size = int(getattr(opt, "batch_size", config.train.batch_size))
     config.train.grad_clip = float(getattr(opt, "grad_clip", config.train.grad_clip))
+    # SGRAF trained its global vectors only through the global node, never for retrieval on their
+    # own: a shortlist uses them as they are, and fine-tuning keeps SGRAF's loss unless asked.
+    config.train.global_loss_weight = 0.0
     model = build_model(model_config)
     state = convert_state(parts, source)
     # Checkpoints from torch < 0.4.1 have no BatchNorm step counters; they are unused in eval.

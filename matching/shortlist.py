@@ -16,13 +16,14 @@ faiss (`faiss-cpu`) is imported where an index is built.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from matching.config import INDEX_KINDS
 from matching.encoders import Embedded
 from matching.model import TSHSR
 from matching.scoring import (
@@ -33,8 +34,6 @@ from matching.scoring import (
     length_groups,
     matmul_precision,
 )
-
-INDEX_KINDS = ("flat", "ivf", "hnsw")
 
 
 def global_vectors(embedded: Embedded | torch.Tensor) -> np.ndarray:
@@ -128,27 +127,54 @@ def shortlist(image_vectors: np.ndarray, caption_vectors: np.ndarray, k_images: 
     return Shortlist(images.search(caption_vectors, k_images)[1], captions.search(image_vectors, k_captions)[1])
 
 
+@dataclass
+class CaptionGroups:
+    """Captions encoded once: grouped by exact length for the head, global vectors in caption order."""
+
+    groups: list[tuple[torch.Tensor, Embedded]]  # [(caption indices, Embedded (n_L, L, d))]
+    glob: torch.Tensor  # (n, d)
+
+    def __len__(self) -> int:
+        return len(self.glob)
+
+    @classmethod
+    def encode(cls, model: TSHSR, captions: Sequence[Sequence[int]] | Embedded, device: torch.device,
+               batch_size: int = 128) -> CaptionGroups:
+        """Encode token lists (or group captions already encoded); call under inference mode, model in eval."""
+        if isinstance(captions, Embedded):
+            blocks = [(torch.arange(len(captions)), captions.to(device))]
+        else:
+            blocks = encode_captions(model, captions, device, batch_size)
+        glob = torch.empty((sum(len(index) for index, _ in blocks), blocks[0][1].glob.shape[1]),
+                           dtype=blocks[0][1].glob.dtype, device=device)
+        for index, emb in blocks:
+            glob[index.to(device)] = emb.glob
+        return cls(length_groups(blocks), glob)
+
+
 def score_candidates(
     model: TSHSR,
     images: ImageSource | Embedded,
-    captions: Sequence[Sequence[int]] | Embedded,
+    captions: Sequence[Sequence[int]] | Embedded | CaptionGroups,
     candidates: np.ndarray,
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 128,
     block_pairs: int | None = None,
     precision: str = "float32",
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Stage two: the full model's score of each candidate (image, caption) pair: (n,) float32.
 
     Args:
         model: the network; put in eval mode for the call and restored after.
         images: region features (any `ImageSource`) or images encoded by this model.
-        captions: token-id lists, or captions encoded by this model (an `Embedded`).
+        captions: token-id lists, or captions encoded by this model (an `Embedded` or `CaptionGroups`).
         candidates: (n, 2) integer array of (image index, caption index) pairs.
         block_pairs: pairs scored in one pass (default 128 on a CPU, where a pass gathers its
             pairs' regions, 19 MB at K = 36 and d = 1024; 16384 on a GPU).
         precision: "float32", "tf32" or "bf16", as for `score_matrix`.
+        progress: called with the number of pairs after each block.
     """
     candidates = np.asarray(candidates, dtype=np.int64).reshape(-1, 2)
     scores = np.zeros(len(candidates), np.float32)
@@ -164,10 +190,8 @@ def score_candidates(
         with torch.inference_mode():
             image_emb = images.to(device) if isinstance(images, Embedded) else encode_images(
                 model, images, device, batch_size)
-            if isinstance(captions, Embedded):
-                groups = length_groups([(torch.arange(len(captions)), captions.to(device))])
-            else:
-                groups = length_groups(encode_captions(model, captions, device, batch_size))
+            groups = (captions if isinstance(captions, CaptionGroups)
+                      else CaptionGroups.encode(model, captions, device, batch_size)).groups
             # Each caption's place: (its length group, its row there).
             group_of, row_of = np.zeros(len(captions), np.int64), np.zeros(len(captions), np.int64)
             for number, (index, _) in enumerate(groups):
@@ -186,6 +210,146 @@ def score_candidates(
                         block_scores = model.head.paired_scores(image_emb.select(image_rows),
                                                                 caption_emb.select(caption_rows))
                     scores[chosen] = block_scores.float().cpu().numpy()
+                    if progress is not None:
+                        progress(len(chosen))
     finally:
         model.train(was_training)
     return scores
+
+
+@dataclass
+class ShortlistReport:
+    """How the first stage did on one protocol's galleries (folds averaged, pairs summed)."""
+
+    k_images: int  # images each caption re-ranks
+    k_captions: int  # captions each image re-ranks
+    t2i_recall: float  # % of captions whose image is in their shortlist
+    i2t_recall: float  # % of images with one of their captions in theirs
+    pairs_scored: int  # distinct (image, caption) pairs the full model scored
+    pairs_total: int  # the pairs exact scoring of the same galleries scores
+
+    def line(self) -> str:
+        return (f"shortlist recall (ground truth among the {self.k_images} images / {self.k_captions} captions "
+                f"re-ranked): text → image {self.t2i_recall:.1f}%, image → text {self.i2t_recall:.1f}%; "
+                f"{self.pairs_scored:,} of {self.pairs_total:,} pairs scored "
+                f"({100 * self.pairs_scored / max(self.pairs_total, 1):.2f}%)")
+
+
+def joint_vectors(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Unit global vectors of several models side by side, scaled by 1/√M: one inner product is
+    the mean of the models' cosines, so an ensemble shortlists with one faiss index."""
+    return np.ascontiguousarray(np.concatenate(parts, axis=1) / np.sqrt(len(parts)), dtype=np.float32)
+
+
+def two_stage_metrics(
+    models: Sequence[TSHSR],
+    images: ImageSource,
+    tokens: Sequence[Sequence[Sequence[int]]],
+    *,
+    k: int,
+    protocol: str = "all",
+    captions_per_image: int = 5,
+    kind: str = "flat",
+    device: str | torch.device = "cpu",
+    batch_size: int = 128,
+    precision: str = "float32",
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, ShortlistReport]]:
+    """Retrieval metrics by two-stage retrieval, in every gallery of a protocol (each 1K fold is its own).
+
+    Each caption re-ranks its `k` best images by global cosine with the full model, each image its
+    `captions_per_image · k` best captions; everything outside a shortlist ranks after it, by
+    cosine. An ensemble shortlists by the mean of its models' cosines and re-ranks by the mean of
+    their scores. Candidate pairs of all galleries are scored once.
+
+    Args:
+        models: one model, or several to ensemble (each in eval mode for the call).
+        tokens: the captions' token ids for each model (its own vocabulary).
+    Returns: ({protocol name: metrics as `evaluate_protocol` gives them}, {protocol name: ShortlistReport}).
+    """
+    from matching.evaluation import mean_of_folds, protocol_galleries, recall_metrics
+    from matching.scoring import ScoringProgress
+
+    if k < 1:
+        raise ValueError(f"the shortlist needs k ≥ 1, not {k}")
+    device = torch.device(device)
+    cpi = captions_per_image
+    galleries = protocol_galleries(len(images), protocol, cpi)
+    encoded: list[tuple[Embedded, CaptionGroups]] = []
+    states = [model.training for model in models]
+    try:
+        for model in models:
+            model.eval().to(device)
+            with torch.inference_mode():
+                encoded.append((encode_images(model, images, device, batch_size),
+                                CaptionGroups.encode(model, tokens[len(encoded)], device, batch_size)))
+        image_vectors = joint_vectors([global_vectors(image_emb) for image_emb, _ in encoded])
+        caption_vectors = joint_vectors([global_vectors(groups.glob) for _, groups in encoded])
+        n_captions = len(caption_vectors)
+        # Stage one in every gallery; its shortlists in global image and caption numbers.
+        lists: dict[str, list[tuple[slice, slice, Shortlist]]] = {}
+        for name, parts in galleries.items():
+            lists[name] = []
+            for rows, cols in parts:
+                found = shortlist(image_vectors[rows], caption_vectors[cols], k, cpi * k, kind)
+                found.images_of_caption = np.where(found.images_of_caption >= 0,
+                                                   found.images_of_caption + rows.start, -1)
+                found.captions_of_image = np.where(found.captions_of_image >= 0,
+                                                   found.captions_of_image + cols.start, -1)
+                lists[name].append((rows, cols, found))
+        # Stage two: every distinct candidate pair once, with each model.
+        pairs = np.unique(np.concatenate([_global_candidates(found, rows, cols)
+                                          for parts in lists.values() for rows, cols, found in parts]), axis=0)
+        tracker = ScoringProgress(len(pairs) * len(models), bar=progress, log=log)
+        exact = np.mean([score_candidates(model, image_emb, groups, pairs, device=device, precision=precision,
+                                          progress=tracker.update)
+                         for model, (image_emb, groups) in zip(models, encoded, strict=True)], axis=0)
+        tracker.close()
+    finally:
+        for model, state in zip(models, states, strict=False):
+            model.train(state)
+    pair_ids = pairs[:, 0] * n_captions + pairs[:, 1]  # sorted: np.unique sorts the pairs
+    floor = float(exact.min()) - 2.0  # every shortlisted score ranks above every cosine + floor
+    results: dict[str, dict[str, Any]] = {}
+    reports: dict[str, ShortlistReport] = {}
+    for name, parts in lists.items():
+        folds, recalls, scored, total = [], [], 0, 0
+        for rows, cols, found in parts:
+            base = image_vectors[rows] @ caption_vectors[cols].T + np.float32(floor)
+            by_caption, by_image = base.copy(), base
+            t2i = _local_pairs(found.images_of_caption, cols.start, transpose=True)  # (image, caption) global
+            i2t = _local_pairs(found.captions_of_image, rows.start, transpose=False)
+            for keys, chosen in ((by_caption, t2i), (by_image, i2t)):
+                values = exact[np.searchsorted(pair_ids, chosen[:, 0] * n_captions + chosen[:, 1])]
+                keys[chosen[:, 0] - rows.start, chosen[:, 1] - cols.start] = values
+            folds.append(recall_metrics(by_image, cpi, t2i_sims=by_caption))
+            owner = np.arange(cols.start, cols.stop) // cpi  # each caption's image
+            image = np.arange(rows.start, rows.stop)
+            recalls.append((100.0 * float((found.images_of_caption == owner[:, None]).any(1).mean()),
+                            100.0 * float((found.captions_of_image // cpi == image[:, None]).any(1).mean())))
+            scored += len(np.unique(np.concatenate([t2i, i2t]), axis=0))
+            total += (rows.stop - rows.start) * (cols.stop - cols.start)
+        results[name] = mean_of_folds(folds) if name == "coco1k" else folds[0]
+        reports[name] = ShortlistReport(min(k, rows.stop - rows.start), min(cpi * k, cols.stop - cols.start),
+                                        float(np.mean([r[0] for r in recalls])),
+                                        float(np.mean([r[1] for r in recalls])), scored, total)
+    return results, reports
+
+
+def _local_pairs(ids: np.ndarray, start: int, *, transpose: bool) -> np.ndarray:
+    """A shortlist's (query row, gallery id) entries as (image, caption) pairs, -1 entries dropped.
+
+    `ids` is (n_queries, k) of gallery ids; query q is number `start + q`. `transpose`: the queries
+    are captions (so the pair is (gallery id, query)).
+    """
+    queries = np.repeat(np.arange(start, start + len(ids)), ids.shape[1])
+    flat = ids.ravel()
+    keep = flat >= 0
+    pair = np.stack([flat[keep], queries[keep]] if transpose else [queries[keep], flat[keep]], 1)
+    return pair.astype(np.int64)
+
+
+def _global_candidates(found: Shortlist, rows: slice, cols: slice) -> np.ndarray:
+    return np.concatenate([_local_pairs(found.images_of_caption, cols.start, transpose=True),
+                           _local_pairs(found.captions_of_image, rows.start, transpose=False)])

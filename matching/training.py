@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from extract.runtime import Launch, StopSignals, interactive, progress_bar
@@ -114,29 +115,41 @@ def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, con
     With `ddp` (a DistributedDataParallel(GlobalBatchScores)), this rank holds a slice
     of the global batch: it scores its images against every caption and every image
     against its captions, so the hardest negatives are sought in the whole global batch;
-    the per-rank losses sum to the single-process loss of that batch.
+    the per-rank losses sum to the single-process loss of that batch. With
+    `train.global_loss_weight` > 0 the same hinge on the global vectors' cosines is added.
     """
     features = batch.features.to(device, non_blocking=True)
     num_boxes = batch.num_boxes.to(device, non_blocking=True)
     tokens, lengths = batch.tokens.to(device, non_blocking=True), batch.lengths.to(device, non_blocking=True)
     image_index = batch.image_index.to(device)
     amp = config.train.mixed_precision and device.type == "cuda"
-    margin = config.train.margin
+    margin, weight = config.train.margin, config.train.global_loss_weight
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
         if ddp is None:
-            scores = model(features, num_boxes, tokens, lengths)  # (B, B)
+            images, captions = model.encode_images(features, num_boxes), model.encode_captions(tokens, lengths)
+            scores = model.pair_scores(images, captions)  # (B, B)
             same_image = image_index[:, None] == image_index[None, :]
             loss = hardest_negative_loss(scores.float(), margin, hardest=hardest, same_image=same_image)
+            if weight:  # the first stage of two-stage retrieval: cos(v̄, t̄) under the same hinge
+                cosines = model.global_scores(images, captions)
+                loss = loss + weight * hardest_negative_loss(cosines, margin, hardest=hardest, same_image=same_image)
             total = loss.detach()
         else:
-            rows, cols = ddp(features, num_boxes, tokens, lengths)  # (b, G), (G, b)
+            rows, cols, global_rows, global_cols = ddp(features, num_boxes, tokens, lengths)  # (b, G), (G, b) ×2
             everyone = gather_rows(image_index)  # (G,) the global batch's image of each caption
             offset = int(gather_rows(image_index.new_tensor([len(image_index)]))[: dist.get_rank()].sum())
             positive = offset + torch.arange(len(image_index), device=device)
             same_image = image_index[:, None] == everyone[None, :]  # (b, G)
-            loss = (hinge_rows(rows.float(), positive, margin, hardest=hardest, not_negative=same_image)
-                    + hinge_rows(cols.float().t(), positive, margin, hardest=hardest, not_negative=same_image))
+
+            def hinge(by_image: Tensor, by_caption: Tensor) -> Tensor:
+                return (hinge_rows(by_image.float(), positive, margin, hardest=hardest, not_negative=same_image)
+                        + hinge_rows(by_caption.float().t(), positive, margin, hardest=hardest,
+                                     not_negative=same_image))
+
+            loss = hinge(rows, cols)
+            if weight:
+                loss = loss + weight * hinge(global_rows, global_cols)
             total = loss.detach().clone()
             dist.all_reduce(total)
             # DDP averages gradients over ranks; the global loss is the sum of the ranks' losses.
@@ -374,11 +387,11 @@ class _Session:
         state = checkpoint.load_payload(run.last) if resume else None
         source = checkpoint.load_payload(init_from) if init_from else None
         if state is not None:
-            config = _resumed_config(Config.from_dict(state["config"]), requested, run, log)
+            config = _resumed_config(Config.from_checkpoint(state["config"]), requested, run, log)
         else:
             config.train.validate()
             if source is not None:
-                config = _fine_tuning_config(config, Config.from_dict(source["config"]), requested, init_from)
+                config = _fine_tuning_config(config, Config.from_checkpoint(source["config"]), requested, init_from)
         task = task_for(config.task)
         vocab = Vocabulary.load(vocab_path)
         for payload, what in ((state, str(run.path)), (source, str(init_from))):
@@ -387,7 +400,7 @@ class _Session:
         fitted, data = task.load_data(config, features, captions, vocab, train_split, val_split, log)
         for payload, what in ((state, str(run.path)), (source, str(init_from))):
             if payload is not None:
-                _check_same_data(Config.from_dict(payload["config"]), fitted, features, what)
+                _check_same_data(Config.from_checkpoint(payload["config"]), fitted, features, what)
         config = fitted
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32

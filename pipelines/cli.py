@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from extract.runtime import DEVICE_CHOICES
-from matching.config import PRESETS, TASKS, VARIANTS, ModelConfig, MultiQueryConfig, TrainConfig
+from matching.config import INDEX_KINDS, PRESETS, TASKS, VARIANTS, ModelConfig, MultiQueryConfig, TrainConfig
 from matching.evaluation import PROTOCOLS
 from matching.precomp import SPLITS as PRECOMP_SPLITS
 from pipelines.errors import UserError, user_errors
@@ -67,6 +67,12 @@ def cli() -> None:
               help="Images or captions per encoder batch.")
 @click.option("--memory-budget", type=click.FloatRange(min=0.01),
               help="GiB of working memory for scoring blocks [default: half the free GPU memory, 2 GiB on CPU].")
+@click.option("--shortlist", type=click.IntRange(min=1), metavar="K",
+              help="Two-stage retrieval: each caption re-ranks only its K best images by global-vector cosine "
+                   "with the full model, each image its captions-per-image × K best captions (a fraction of "
+                   "the pairs; prints how often the ground truth was in the shortlist).")
+@click.option("--shortlist-index", type=click.Choice(INDEX_KINDS), default=INDEX_KINDS[0], show_default=True,
+              help="faiss index of the first stage: flat (exact), ivf or hnsw (approximate, for huge galleries).")
 @click.option("--save-sims", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the (images × captions) score matrix as .npy.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -74,22 +80,27 @@ def cli() -> None:
 @user_errors
 def evaluate(checkpoints: tuple[Path, ...], sims_files: tuple[Path, ...], features: Path, captions: Path, split: str,
              protocol: str, captions_per_image: int, vocab_path: Path | None, device: str, batch_size: int,
-             memory_budget: float | None, save_sims: Path | None, json_path: Path | None) -> None:
+             memory_budget: float | None, shortlist: int | None, shortlist_index: str, save_sims: Path | None,
+             json_path: Path | None) -> None:
     """Retrieval metrics of a checkpoint (or an ensemble) on a split.
 
-    Matching models: R@1/5/10, medr, meanr and rsum both ways under the standard protocols.
-    Multi-query models: R@1/5/10 and mean rank of the target image after each round, on every
-    image of the split.
+    Matching models: R@1/5/10, medr, meanr and rsum both ways under the standard protocols
+    (every pair scored, or with --shortlist only the shortlisted ones). Multi-query models:
+    R@1/5/10 and mean rank of the target image after each round, on every image of the split.
+    Long runs print the pairs scored, the rate and the ETA.
     """
     from extract.runtime import Launch
     from matching.inference import evaluate_checkpoint, write_metrics, write_sims
 
     if not checkpoints and not sims_files:
         raise UserError("give --checkpoint (repeat it for an ensemble) or --sims")
+    if shortlist and save_sims:
+        raise UserError("--save-sims needs every pair scored; leave out --shortlist to save the score matrix")
     outcome = evaluate_checkpoint(
         checkpoints, features, captions, sims_files=sims_files, split=split, protocol=protocol,
         captions_per_image=captions_per_image, vocab_path=vocab_path, device=device, batch_size=batch_size,
-        memory_budget=int(memory_budget * 2**30) if memory_budget else None, progress=True)
+        memory_budget=int(memory_budget * 2**30) if memory_budget else None, progress=True,
+        shortlist=shortlist, shortlist_index=shortlist_index, log=click.echo)
     if not Launch.from_env().is_main:  # under torchrun, rank 0 reports
         return
     sources = len(outcome.sources)
@@ -270,6 +281,9 @@ def import_drilldown(region_dir: Path, out: Path, queries: Path | None, max_boxe
 @click.option("--warmup-epochs", type=click.IntRange(min=0),
               help="Epochs summing the hinge over all negatives before the hardest-negative loss; "
                    f"1 or more keeps small datasets from collapsing [default: {TRAIN.warmup_epochs}].")
+@click.option("--global-loss-weight", type=click.FloatRange(min=0),
+              help="Weight of the hinge on the global vectors' cosines, which trains the first stage of "
+                   f"`evaluate --shortlist` (0 = the paper's loss alone) [default: {TRAIN.global_loss_weight:g}].")
 @click.option("--length-buckets", is_flag=True, default=None,
               help="Batches of captions of similar length (less padding; the paper shuffles uniformly).")
 @click.option("--seed", type=int, help=f"[default: {TRAIN.seed}]")
@@ -290,14 +304,15 @@ def train(task: str | None, features: Path, captions: Path, vocab_path: Path, na
           resume: bool,
           overwrite: bool, init_from: Path | None, config_file: Path | None, preset: str | None, variant: str | None,
           epochs: int | None, batch_size: int | None, lr: float | None, embed_size: int | None, sim_dim: int | None,
-          word_dim: int | None, steps: int | None, warmup_epochs: int | None, length_buckets: bool | None,
-          seed: int | None, workers: int | None, log_every: int | None, in_memory: bool | None,
-          mixed_precision: bool | None, tf32: bool | None, sets: tuple[str, ...], device: str, train_split: str,
-          val_split: str, max_steps: int | None) -> None:
+          word_dim: int | None, steps: int | None, warmup_epochs: int | None, global_loss_weight: float | None,
+          length_buckets: bool | None, seed: int | None, workers: int | None, log_every: int | None,
+          in_memory: bool | None, mixed_precision: bool | None, tf32: bool | None, sets: tuple[str, ...], device: str,
+          train_split: str, val_split: str, max_steps: int | None) -> None:
     """Train a matching model: FEATURES + CAPTIONS + VOCAB → RUNS/NAME.
 
     The paper's recipe is the default (Adam 2e-4, batch 128, gradient clipping 2,
-    hardest negatives, margin 0.2). The run directory gets config.yaml,
+    hardest negatives, margin 0.2), plus the same hinge on the global vectors
+    (--global-loss-weight) so that `evaluate --shortlist` finds the match. The run directory gets config.yaml,
     checkpoint_last.pt (resume point, also written every 500 steps and on
     Ctrl-C), model_best.pt (best validation rsum), metrics.csv, train.log and
     TensorBoard events. Stopped by Ctrl-C or SIGTERM, it saves and exits 130 or 143.
@@ -317,6 +332,7 @@ def train(task: str | None, features: Path, captions: Path, vocab_path: Path, na
         overrides={"train.epochs": epochs, "train.batch_size": batch_size, "train.learning_rate": lr,
                    "model.embed_size": embed_size, "model.sim_dim": sim_dim, "model.word_dim": word_dim,
                    "model.reasoning_steps": steps, "train.warmup_epochs": warmup_epochs,
+                   "train.global_loss_weight": global_loss_weight,
                    "train.length_buckets": length_buckets, "train.seed": seed, "train.workers": workers,
                    "train.log_every": log_every, "train.features_in_memory": in_memory,
                    "train.mixed_precision": mixed_precision, "train.allow_tf32": tf32})

@@ -97,8 +97,9 @@ def test_train_task_is_saved_and_a_resume_keeps_it(trained_multiquery, tmp_path)
     first = runner.invoke(cli, [*base, "--task", "multi-query", "--set", "model.embed_size=16", "--set",
                                 "model.max_turns=4", "--batch-size", "16", "--workers", "0", "--max-steps", "2"])
     assert first.exit_code == 0, first.output
+    # HMRN's recipe is the task's default
     assert "config task: multi-query" in first.output and "config train: margin=0.2, hardest_negatives=True, " \
-        "warmup_epochs=0, learning_rate=0.0004" in first.output  # HMRN's recipe is the task's default
+        "warmup_epochs=0, global_loss_weight=0.0, learning_rate=0.0004" in first.output
     assert checkpoint.load_payload(tmp_path / "mq" / "checkpoint_last.pt")["config"]["task"] == "multi-query"
     refused = runner.invoke(cli, [*base, "--resume", "--task", "matching"])
     assert refused.exit_code == 2 and "task: run has 'multi-query', asked 'matching'" in refused.output

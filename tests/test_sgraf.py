@@ -140,6 +140,7 @@ def test_imported_sgraf_scores_match_the_sgr_reference(tmp_path, legacy):
     assert (config.model.num_regions, config.model.embed_size, config.model.vocab_size) == (K, D, VOCAB)
     model, loaded_config, vocab = checkpoint.load(out)
     assert loaded_config == config and len(vocab) == VOCAB
+    assert config.train.global_loss_weight == 0  # SGRAF never trained its global vectors for retrieval
     features = np.abs(np.random.default_rng(2).normal(size=(5, K, IMG))).astype(np.float32)
     captions = random_captions(7, VOCAB, seed=4)
     ours = score_matrix(model, ImageArrays(features, np.full(5, K)), captions)

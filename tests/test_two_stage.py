@@ -1,0 +1,165 @@
+"""Two-stage retrieval end to end: the global loss, `evaluate --shortlist`, its rank keys and its report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from matching.config import Config
+from matching.data import Batch
+from matching.inference import evaluate_checkpoint
+from matching.loss import hardest_negative_loss
+from matching.scoring import ImageArrays, score_matrix
+from matching.shortlist import joint_vectors, two_stage_metrics
+from matching.training import train_step
+from pipelines.cli import cli
+from tests.conftest import SMALL_MODEL, random_captions, random_images, tiny_config, tiny_model
+
+
+@pytest.fixture(scope="session")
+def trained_two_stage(tmp_path_factory):
+    """A small model trained with the global loss on 150 generated scenes (16 epochs, ~40 s)."""
+    from matching.training import train
+    from matching.vocabulary import build_vocabulary
+    from pipelines.synthetic import make_scenes, write_feature_dataset
+
+    root = tmp_path_factory.mktemp("two_stage")
+    features = write_feature_dataset(root / "features", make_scenes(150, seed=1), feature_dim=32, noise=0.2, seed=1)
+    captions = features / "captions.jsonl"
+    build_vocabulary(captions, root / "vocab.json", threshold=1)
+    config = Config().updated(model=SMALL_MODEL, train={
+        "batch_size": 24, "workers": 0, "learning_rate": 3e-3, "warmup_epochs": 3, "checkpoint_every": 0,
+        "epochs": 16, "lr_decay_epoch": 8, "global_loss_weight": 1.0})
+    train(config, features=features, captions=captions, vocab_path=root / "vocab.json", run_dir=root / "run",
+          val_split=None, device="cpu", progress=False, log=lambda line: None)
+    return features, captions, root / "run" / "model_best.pt"
+
+
+def test_shortlist_r1_equals_exact_within_a_point_scoring_a_tenth_of_the_pairs(trained_two_stage):
+    features, captions, model = trained_two_stage
+    exact = evaluate_checkpoint(model, features, captions, split=None, device="cpu").results["full"]
+    outcome = evaluate_checkpoint(model, features, captions, split=None, device="cpu", shortlist=10)
+    two_stage, report = outcome.results["full"], outcome.shortlist["full"]
+    assert report.pairs_total == 150 * 750 and report.pairs_scored <= report.pairs_total / 10
+    for direction in ("i2t", "t2i"):
+        assert abs(two_stage[f"{direction}_r1"] - exact[f"{direction}_r1"]) <= 1.0, (direction, two_stage, exact)
+    # The trained first stage holds the match: what the shortlist misses, the second stage cannot rank.
+    assert report.t2i_recall >= 97 and report.i2t_recall >= 97
+    assert two_stage["t2i_r10"] <= report.t2i_recall and outcome.sims is None
+
+
+def test_evaluate_command_prints_shortlist_recall_and_writes_it(trained_two_stage, tmp_path):
+    features, captions, model = trained_two_stage
+    args = ["evaluate", "--checkpoint", model, "--features", features, "--captions", captions, "--split", "",
+            "--device", "cpu", "--shortlist", "5"]
+    result = CliRunner().invoke(cli, [*map(str, args), "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    assert "full: shortlist recall (ground truth among the 5 images / 25 captions re-ranked): text → image" \
+        in result.output
+    saved = json.loads((tmp_path / "m.json").read_text())["results"]["full"]
+    assert set(saved["shortlist"]) >= {"t2i_recall", "i2t_recall", "pairs_scored", "pairs_total", "k_images"}
+    assert saved["shortlist"]["k_captions"] == 25 and 0 < saved["shortlist"]["t2i_recall"] <= 100
+    refused = CliRunner().invoke(cli, [*map(str, args), "--save-sims", str(tmp_path / "s.npy")])
+    assert refused.exit_code == 2 and "--save-sims needs every pair scored" in refused.output
+    assert not (tmp_path / "s.npy").exists()
+
+
+def pairs_dataset(n_images: int = 12, cpi: int = 2, seed: int = 0):
+    features, num_boxes = random_images(n_images, 7, 24, seed=seed, min_boxes=1)
+    return ImageArrays(features, num_boxes), random_captions(n_images * cpi, 40, seed=seed + 1)
+
+
+def test_a_shortlist_of_the_whole_gallery_is_exact_scoring():
+    model = tiny_model(seed=1)
+    images, captions = pairs_dataset()
+    results, report = two_stage_metrics([model], images, [captions], k=12, protocol="full", captions_per_image=2)
+    from matching.evaluation import recall_metrics
+
+    exact = recall_metrics(score_matrix(model, images, captions), 2)
+    assert {key: results["full"][key] for key in exact} == pytest.approx(exact)
+    assert report["full"].pairs_scored == report["full"].pairs_total == 12 * 24
+    assert report["full"].t2i_recall == report["full"].i2t_recall == 100
+
+
+def test_a_shortlist_of_one_image_ranks_it_first_and_the_rest_after_it():
+    """K = 1: each caption's one candidate is its nearest image by cosine, so text→image R@1 is the shortlist's
+    recall; the other images follow in cosine order, so R@5 is the cosine ranking's R@5."""
+    model = tiny_model(seed=2)
+    images, captions = pairs_dataset(seed=3)
+    results, report = two_stage_metrics([model], images, [captions], k=1, protocol="full", captions_per_image=2)
+    with torch.inference_mode():
+        from matching.scoring import encode_images, pad_tokens
+
+        image_glob = encode_images(model, images, torch.device("cpu")).glob
+        caption_glob = model.encode_captions(*pad_tokens(captions)).glob
+    cosines = (image_glob @ caption_glob.t()).numpy()
+    owner = np.arange(24) // 2
+    cosine_rank = (cosines >= cosines[owner, np.arange(24)]).sum(0) - 1
+    assert results["full"]["t2i_r1"] == pytest.approx(report["full"].t2i_recall)
+    assert results["full"]["t2i_r1"] == pytest.approx(100 * np.mean(cosine_rank < 1))
+    assert results["full"]["t2i_r5"] == pytest.approx(100 * np.mean(cosine_rank < 5))
+
+
+def test_folds_are_shortlisted_in_their_own_gallery():
+    from matching.evaluation import protocol_galleries
+
+    galleries = protocol_galleries(5000, "all", 5)
+    assert [len(parts) for parts in galleries.values()] == [5, 1]
+    assert galleries["coco1k"][2] == (slice(2000, 3000), slice(10000, 15000))
+    assert galleries["coco5k"] == [(slice(0, 5000), slice(0, 25000))]
+
+
+def test_an_ensemble_shortlists_by_the_mean_of_its_cosines():
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(6, 4)), rng.normal(size=(6, 4))]
+    parts = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts]
+    joint = joint_vectors(parts)
+    np.testing.assert_allclose(joint @ joint.T, np.mean([p @ p.T for p in parts], axis=0), atol=1e-6)
+
+
+def test_the_global_loss_adds_the_same_hinge_on_the_global_cosines():
+    images, captions = pairs_dataset(n_images=6, cpi=1, seed=6)
+    from matching.scoring import pad_tokens
+
+    tokens, lengths = pad_tokens(captions)
+    batch = Batch(torch.from_numpy(images.features), torch.from_numpy(images.num_boxes), tokens, lengths,
+                  torch.arange(6), torch.tensor([0, 1, 2, 3, 4, 4]))  # two captions of image 4
+    losses = {}
+    for weight in (0.0, 0.5):
+        model = tiny_model(seed=7, dropout=0.0).train()
+        config = Config(model=tiny_config(dropout=0.0)).updated(train={"global_loss_weight": weight, "grad_clip": 0})
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        losses[weight], _ = train_step(model, optimizer, batch, config, torch.device("cpu"), hardest=True)
+    model = tiny_model(seed=7, dropout=0.0).train()
+    with torch.no_grad():
+        cosines = model.global_scores(model.encode_images(batch.features, batch.num_boxes),
+                                      model.encode_captions(tokens, lengths))
+    same = batch.image_index[:, None] == batch.image_index[None, :]
+    expected = float(hardest_negative_loss(cosines, 0.2, hardest=True, same_image=same))
+    assert expected > 0 and losses[0.5] - losses[0.0] == pytest.approx(0.5 * expected, rel=1e-4)
+
+
+def test_checkpoints_from_before_the_global_loss_were_trained_without_it():
+    saved = Config().to_dict()
+    del saved["train"]["global_loss_weight"]
+    assert Config.from_checkpoint(saved).train.global_loss_weight == 0.0
+    assert Config.from_checkpoint(Config().to_dict()).train.global_loss_weight == 1.0
+    assert Config.default("multi-query").train.global_loss_weight == 0.0  # HMRN's loss has its own
+
+
+def test_shortlist_refuses_what_it_cannot_do(trained_multiquery, trained_two_stage, tmp_path):
+    from matching.evaluation import MetricsError
+
+    mq = trained_multiquery
+    queries = mq["features"] / "queries.jsonl"
+    with pytest.raises(MetricsError, match="multi-query model scores every image"):
+        evaluate_checkpoint(mq["checkpoint"], mq["features"], queries, split="test", device="cpu", shortlist=5)
+    features, captions, model = trained_two_stage
+    sims = tmp_path / "sims.npy"
+    np.save(sims, np.zeros((150, 750), np.float32))
+    with pytest.raises(MetricsError, match="cannot be averaged with full score matrices"):
+        evaluate_checkpoint(model, features, captions, sims_files=[sims], split=None, device="cpu", shortlist=5)
