@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from extract.safeio import atomic_write, write_json
 from extract.shards import FeatureStore, ShardFormatError
@@ -18,7 +19,8 @@ from matching.captions import evaluation_set, read_captions, read_split, resolve
 from matching.encoders import Embedded
 from matching.evaluation import MetricsError, evaluate_protocol, protocol_names
 from matching.model import TSHSR
-from matching.scoring import StoreImages, score_matrix
+from matching.scoring import StoreImages, encode_images, score_matrix
+from matching.shortlist import default_search_shortlist, rerank_images
 from matching.text import Vocabulary, VocabularyError, tokenize
 
 
@@ -294,14 +296,28 @@ def attended_regions(model: TSHSR, store: FeatureStore, image_id: str, tokens: l
 
 def search_images(model: TSHSR, vocab: Vocabulary, store: FeatureStore, text: str, *, k: int = 10,
                   image_ids: list[str] | None = None, device: str = "cpu", batch_size: int = 128,
-                  with_regions: bool = False, encoded: Embedded | None = None) -> list[Hit]:
-    """The gallery's `k` best images for a text, best first (`encoded`: the gallery from an index)."""
+                  with_regions: bool = False, encoded: Embedded | None = None, shortlist: int = 0) -> list[Hit]:
+    """The gallery's `k` best images for a text, best first (`encoded`: the gallery from an index).
+
+    `shortlist` > 0: two-stage search, the full model scores only the `max(shortlist, k)` images
+    nearest to the text by global cosine (`matching.shortlist.rerank_images`); 0 scores every image.
+    """
     tokens, _ = encode_query(vocab, text)
     gallery = image_ids if image_ids is not None else store.image_ids
-    images = encoded if encoded is not None else StoreImages(store, gallery)
-    scores = score_matrix(model, images, [tokens], device=device, batch_size=batch_size)[:, 0]
-    order = np.argsort(-scores, kind="stable")[:k]
-    hits = [Hit(rank + 1, float(scores[i]), gallery[i], gallery[i]) for rank, i in enumerate(order)]
+    if shortlist and max(shortlist, k) < len(gallery):
+        if encoded is None:
+            with torch.inference_mode():
+                encoded = encode_images(model.eval(), StoreImages(store, gallery), torch.device(device), batch_size)
+        positions, scores = rerank_images(model, encoded, [tokens], max(shortlist, k), device=device,
+                                          batch_size=batch_size)
+        order = positions[np.argsort(-scores[:, 0], kind="stable")[:k]]
+        best = dict(zip(positions.tolist(), scores[:, 0].tolist(), strict=True))
+        hits = [Hit(rank + 1, best[i], gallery[i], gallery[i]) for rank, i in enumerate(order)]
+    else:
+        images = encoded if encoded is not None else StoreImages(store, gallery)
+        scores = score_matrix(model, images, [tokens], device=device, batch_size=batch_size)[:, 0]
+        order = np.argsort(-scores, kind="stable")[:k]
+        hits = [Hit(rank + 1, float(scores[i]), gallery[i], gallery[i]) for rank, i in enumerate(order)]
     if with_regions:
         for hit in hits:
             hit.regions = attended_regions(model, store, hit.image_id, tokens)
@@ -379,6 +395,7 @@ class SearchResult:
     ignored_words: list[str] = field(default_factory=list)  # query words outside the vocabulary
     index_built: bool = False  # the gallery was encoded into a new index file by this call
     gallery_size: int = 0
+    shortlist: int = 0  # images the full model re-ranked after a global-cosine shortlist (0: it scored all)
 
 
 def search(
@@ -394,14 +411,17 @@ def search(
     rebuild_index: bool = False,
     with_regions: bool = False,
     device: str = "auto",
+    shortlist: int | None = None,
 ) -> SearchResult:
     """Rank the gallery's images for a text `query` (several texts, given in rounds, for a multi-query
     checkpoint), or the captions of `captions` for an `image_id` (matching checkpoints).
 
     `captions` + `split` limit a text search to the images of that split (a caption file, or a
     multi-query JSONL file); `index_path` keeps the gallery encoded by the model between searches
-    (`matching.index.open_index`). QueryError, CaptionFormatError, ShardFormatError … for input
-    that cannot be answered.
+    (`matching.index.open_index`). `shortlist`: a text search re-ranks only that many images
+    nearest by global cosine (0: every image; default: `SEARCH_SHORTLIST` for a model trained with
+    the global loss, else 0). QueryError, CaptionFormatError, ShardFormatError … for input that
+    cannot be answered.
     """
     from extract.runtime import resolve_device
     from matching.index import open_index
@@ -444,9 +464,11 @@ def search(
                                          with_regions=with_regions, encoded=encoded)
         return SearchResult(hits, "text", " · ".join(texts), ignored, built, len(gallery))
     _, ignored = encode_query(vocab, texts[0])
+    shortlist = default_search_shortlist(config) if shortlist is None else shortlist
+    shortlist = max(shortlist, k) if shortlist and max(shortlist, k) < len(gallery) else 0
     hits = search_images(model, vocab, store, texts[0], k=k, image_ids=gallery, device=target,
-                         with_regions=with_regions, encoded=encoded)
-    return SearchResult(hits, "text", texts[0], ignored, built, len(gallery))
+                         with_regions=with_regions, encoded=encoded, shortlist=shortlist)
+    return SearchResult(hits, "text", texts[0], ignored, built, len(gallery), shortlist)
 
 
 def _gallery_of(data_file: str | os.PathLike, split: str | None) -> tuple[set[str], list]:

@@ -12,8 +12,8 @@ a memory budget), then answers:
 - `image_captions(image_id, k)`: image → captions, the image's own captions marked.
 
 Which images get the model's full score is the `Ranker`'s business: `ExactRanker` scores the
-whole gallery; another ranker (a shortlist of candidates by the global vectors, re-scored
-exactly) plugs in through `RANKERS` without changing the engine.
+whole gallery; `ShortlistRanker` only the images nearest to the queries by global cosine,
+re-scored exactly (two-stage search); others plug in through `RANKERS` without changing the engine.
 
 Not thread-safe: a server calls one engine from one worker thread (pipelines.serve.worker).
 No web or image-file code here: `matching` imports only torch, numpy and extract's leaves.
@@ -37,6 +37,7 @@ from matching.encoders import Embedded
 from matching.inference import Hit, QueryError, check_features, encode_query
 from matching.model import TSHSR
 from matching.scoring import StoreImages, encode_captions, encode_images, score_matrix
+from matching.shortlist import SEARCH_SHORTLIST, default_search_shortlist, global_vectors, rerank_images
 from matching.text import Vocabulary
 
 MEAN_OF_QUERIES = "mean"  # search_queries ranks by the mean of the queries' scores
@@ -79,8 +80,30 @@ class ExactRanker:
         return Candidates(np.arange(len(self.encoded)), scores)
 
 
-# name → factory(model, encoded gallery, device): how `SearchEngine.open(ranker=…)` builds one
-RANKERS: dict[str, Callable[[TSHSR, Embedded, torch.device], Ranker]] = {"exact": ExactRanker}
+class ShortlistRanker:
+    """Two-stage: the `shortlist` images nearest by global cosine (to each query and to their mean),
+    re-scored by the full model (`matching.shortlist.rerank_images`). The gallery's global vectors
+    are normalised once, here."""
+
+    name = "shortlist"
+
+    def __init__(self, model: TSHSR, encoded: Embedded, device: torch.device, batch_size: int = 128,
+                 shortlist: int = SEARCH_SHORTLIST) -> None:
+        self.model, self.encoded, self.device, self.batch_size = model, encoded, device, batch_size
+        self.shortlist = shortlist
+        self.vectors = global_vectors(encoded)
+
+    def candidates(self, queries: Sequence[Sequence[int]], k: int) -> Candidates:
+        index, scores = rerank_images(self.model, self.encoded, queries, max(self.shortlist, k),
+                                      image_vectors=self.vectors, device=self.device, batch_size=self.batch_size)
+        return Candidates(index, scores)
+
+
+# name → factory(model, encoded gallery, device): how `SearchEngine.open(ranker=…)` builds one;
+# "auto" (the default) is "shortlist" for a model trained with the global loss, else "exact".
+RANKERS: dict[str, Callable[[TSHSR, Embedded, torch.device], Ranker]] = {"exact": ExactRanker,
+                                                                          "shortlist": ShortlistRanker}
+RANKER_CHOICES = ("auto", *RANKERS)
 
 
 @dataclass
@@ -131,6 +154,7 @@ class EngineInfo:
     index_path: str | None
     index_built: bool
     start_seconds: float  # time to load the model and encode the galleries
+    shortlist: int = 0  # images a query re-ranks after the global-cosine shortlist (0: every image)
 
 
 class SearchEngine:
@@ -154,18 +178,21 @@ class SearchEngine:
         self._caption_blocks = self._encode_captions() if self._caption_bytes() <= caption_cache_bytes else None
         self.info = EngineInfo(checkpoint="", gallery_size=len(gallery), captions=len(self.captions),
                                device=str(device), ranker=self.ranker.name, multi_query=MEAN_OF_QUERIES,
-                               index_path=None, index_built=False, start_seconds=0.0)
+                               index_path=None, index_built=False, start_seconds=0.0,
+                               shortlist=getattr(self.ranker, "shortlist", 0))
 
     @classmethod
     def open(cls, checkpoint_path: str | os.PathLike, features: str | os.PathLike, *,
              captions: str | os.PathLike | None = None, split: str | None = None,
-             index_path: str | os.PathLike | None = None, device: str = "auto", ranker: str = "exact",
-             batch_size: int = 128) -> SearchEngine:
+             index_path: str | os.PathLike | None = None, device: str = "auto", ranker: str = "auto",
+             shortlist: int = SEARCH_SHORTLIST, batch_size: int = 128) -> SearchEngine:
         """Load a checkpoint and a gallery as `tshsr-pipe search` does, once.
 
         `captions` (+ `split`) limit the gallery to the split's images, as in `search`, and are
         the caption gallery of `image_captions`. `index_path` loads (or builds) the encoded
-        gallery from a search index; without it the gallery is encoded in memory.
+        gallery from a search index; without it the gallery is encoded in memory. `ranker`: a
+        name in `RANKERS`, or "auto": "shortlist" for a model trained with the global loss
+        (`train.global_loss_weight` > 0) and a gallery larger than `shortlist`, else "exact".
         QueryError, CheckpointError, ShardFormatError, SearchIndexError … for input that cannot serve.
         """
         from extract.runtime import resolve_device
@@ -174,8 +201,8 @@ class SearchEngine:
         started = time.perf_counter()
         if split and captions is None:
             raise QueryError(f"--split {split} needs --captions: the file that says which images are in it")
-        if ranker not in RANKERS:
-            raise QueryError(f"ranker {ranker!r}: not one of {', '.join(RANKERS)}")
+        if ranker not in RANKER_CHOICES:
+            raise QueryError(f"ranker {ranker!r}: not one of {', '.join(RANKER_CHOICES)}")
         target = resolve_device(device)
         model, config, vocab = checkpoint.load(checkpoint_path, map_location=target)
         store = FeatureStore(features)
@@ -195,8 +222,12 @@ class SearchEngine:
         else:
             with torch.inference_mode():
                 encoded = encode_images(model, StoreImages(store, gallery), target, batch_size)
+        if ranker == "auto":
+            ranker = "shortlist" if default_search_shortlist(config) and shortlist < len(gallery) else "exact"
         engine = cls(model, vocab, store, gallery, encoded=encoded, captions=selected, device=target,
-                     ranker=RANKERS[ranker](model, encoded.to(target), target), batch_size=batch_size)
+                     ranker=RANKERS[ranker](model, encoded.to(target), target, batch_size,
+                                            **({"shortlist": shortlist} if ranker == "shortlist" else {})),
+                     batch_size=batch_size)
         engine.info.checkpoint = str(checkpoint_path)
         engine.info.index_path = str(index_path) if index_path is not None else None
         engine.info.index_built = built

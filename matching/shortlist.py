@@ -217,6 +217,49 @@ def score_candidates(
     return scores
 
 
+SEARCH_SHORTLIST = 200  # images a search query re-ranks with the full model (two-stage search's default)
+
+
+def default_search_shortlist(config: Any) -> int:
+    """Images a search re-ranks by default: `SEARCH_SHORTLIST` for a model whose global vectors were
+    trained for retrieval (`train.global_loss_weight` > 0), 0 (score every image) otherwise."""
+    return SEARCH_SHORTLIST if getattr(config.train, "global_loss_weight", 0) > 0 else 0
+
+
+def rerank_images(model: TSHSR, images: Embedded, queries: Sequence[Sequence[int]], k: int, *,
+                  image_vectors: np.ndarray | None = None, device: str | torch.device = "cpu",
+                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Two-stage search of an encoded gallery for a few text queries.
+
+    Stage one takes each query's `k` nearest images by global cosine, and the `k` nearest by
+    the queries' mean cosine; stage two scores every query against that union with the full
+    model. Returns (gallery positions (c,), scores (c, q) float32); the positions are sorted.
+
+    Args:
+        images: the gallery as this model encodes it (e.g. from a search index).
+        image_vectors: `global_vectors(images)`, when the caller keeps them between searches.
+    """
+    if not queries:
+        raise ValueError("rerank_images needs at least one query")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        with torch.inference_mode():
+            captions = CaptionGroups.encode(model, queries, device, batch_size)
+    finally:
+        model.train(was_training)
+    vectors = global_vectors(images) if image_vectors is None else image_vectors
+    cosines = vectors @ global_vectors(captions.glob).T  # (n, q)
+    k = min(k, len(vectors))
+    columns = np.concatenate([cosines, cosines.mean(1, keepdims=True)], axis=1)
+    nearest = np.argpartition(-columns, k - 1, axis=0)[:k] if k < len(vectors) else np.arange(len(vectors))[:, None]
+    positions = np.unique(nearest)
+    pairs = np.stack([np.repeat(positions, len(queries)), np.tile(np.arange(len(queries)), len(positions))], 1)
+    scores = score_candidates(model, images, captions, pairs, device=device, batch_size=batch_size)
+    return positions, scores.reshape(len(positions), len(queries))
+
+
 @dataclass
 class ShortlistReport:
     """How the first stage did on one protocol's galleries (folds averaged, pairs summed)."""

@@ -366,11 +366,15 @@ def train(task: str | None, features: Path, captions: Path, vocab_path: Path, na
 @click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Search index: the gallery encoded once by the model (built here on first use).")
 @click.option("--rebuild-index", is_flag=True, help="Encode the gallery again into --index.")
+@click.option("--shortlist", type=click.IntRange(min=0), metavar="K",
+              help="Two-stage search: the full model re-ranks only the K images nearest to the text by "
+                   "global-vector cosine; 0 scores every image [default: 200 for a model trained with the "
+                   "global loss, else 0].")
 @device_option
 @user_errors
 def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_k: int, image_id: str | None,
            captions: Path | None, split: str | None, images_dir: Path | None, html_path: Path | None,
-           index_path: Path | None, rebuild_index: bool, device: str) -> None:
+           index_path: Path | None, rebuild_index: bool, shortlist: int | None, device: str) -> None:
     """Rank the gallery's images for a text QUERY, or captions for an --image.
 
     A multi-query checkpoint takes several QUERIES, given in rounds: the images are ranked
@@ -386,9 +390,12 @@ def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_
 
     found = run_search(checkpoint_path, features, query=list(queries), image_id=image_id, captions=captions,
                        split=split, k=top_k, index_path=index_path, rebuild_index=rebuild_index,
-                       with_regions=html_path is not None, device=device)
+                       with_regions=html_path is not None, device=device, shortlist=shortlist)
     if found.index_built:
         click.echo(f"index of {found.gallery_size} images written to {index_path}")
+    if found.shortlist:
+        click.echo(f"two-stage: the model re-ranked the {found.shortlist} of {found.gallery_size:,} images nearest "
+                   "by global cosine (--shortlist 0 scores every image)")
     if found.ignored_words:
         click.echo("note: not in the model's vocabulary, ignored: " + ", ".join(repr(w) for w in found.ignored_words))
     for hit in found.hits:
@@ -511,10 +518,14 @@ cli.add_command(verify)
               help="Search index: the gallery encoded once by the model (built here on first use).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--shortlist", type=click.IntRange(min=0), metavar="K",
+              help="Two-stage search: the full model re-ranks only the K images nearest to the queries by "
+                   "global-vector cosine; 0 scores every image [default: 200 for a model trained with the "
+                   "global loss, else 0].")
 @device_option
 @user_errors
 def serve(checkpoint_path: Path, features: Path, captions: Path | None, split: str | None, images_dir: Path | None,
-          index_path: Path | None, host: str, port: int, device: str) -> None:
+          index_path: Path | None, host: str, port: int, shortlist: int | None, device: str) -> None:
     """A search page and a JSON API over a model and its gallery, loaded once (Ctrl-C stops).
 
     \b
@@ -522,14 +533,17 @@ def serve(checkpoint_path: Path, features: Path, captions: Path | None, split: s
     """
     import uvicorn
 
+    from matching.shortlist import SEARCH_SHORTLIST
     from pipelines.serve.app import build_app
 
+    ranker = "auto" if shortlist is None else "shortlist" if shortlist else "exact"
     app = build_app(checkpoint_path, features, captions=captions, split=split, images_dir=images_dir,
-                    index_path=index_path, device=device)
+                    index_path=index_path, device=device, ranker=ranker, shortlist=shortlist or SEARCH_SHORTLIST)
     about = app.state.engine.info
     if about.index_built:
         click.echo(f"index of {about.gallery_size} images written to {index_path}")
-    click.echo(f"{about.gallery_size} images, {about.captions} captions, {about.ranker} scoring on {about.device} "
+    scoring = f"shortlist scoring ({about.shortlist} images re-ranked)" if about.shortlist else "exact scoring"
+    click.echo(f"{about.gallery_size} images, {about.captions} captions, {scoring} on {about.device} "
                f"(ready in {about.start_seconds:.1f} s)")
     click.echo(f"serving http://{host}:{port}/ (Ctrl-C stops)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

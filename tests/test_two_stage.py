@@ -9,9 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from matching import checkpoint
 from matching.config import Config
 from matching.data import Batch
-from matching.inference import evaluate_checkpoint
+from matching.inference import evaluate_checkpoint, search
 from matching.loss import hardest_negative_loss
 from matching.scoring import ImageArrays, score_matrix
 from matching.shortlist import joint_vectors, two_stage_metrics
@@ -163,3 +164,69 @@ def test_shortlist_refuses_what_it_cannot_do(trained_multiquery, trained_two_sta
     np.save(sims, np.zeros((150, 750), np.float32))
     with pytest.raises(MetricsError, match="cannot be averaged with full score matrices"):
         evaluate_checkpoint(model, features, captions, sims_files=[sims], split=None, device="cpu", shortlist=5)
+
+
+def test_two_stage_search_re_ranks_the_nearest_images_with_their_exact_scores(trained_two_stage):
+    from extract.shards import FeatureStore
+    from matching.captions import read_captions
+    from matching.inference import encode_query
+    from matching.scoring import StoreImages, encode_images
+    from matching.shortlist import global_vectors, rerank_images
+
+    features, captions, path = trained_two_stage
+    model, _, vocab = checkpoint.load(path)
+    store = FeatureStore(features)
+    with torch.inference_mode():
+        gallery = encode_images(model, StoreImages(store, store.image_ids), torch.device("cpu"))
+    texts = [c.text for c in read_captions(captions)[:40:5]]
+    tokens = [encode_query(vocab, text)[0] for text in texts]
+    exact = score_matrix(model, gallery, tokens)  # (150, 8)
+    positions, scores = rerank_images(model, gallery, tokens[:2], 20)
+    np.testing.assert_allclose(scores, exact[positions, :2], atol=1e-5)
+    with torch.inference_mode():
+        cosines = global_vectors(gallery) @ global_vectors(model.encode_captions(*pad(tokens[:2])).glob).T
+    expected = set()
+    for column in (cosines[:, 0], cosines[:, 1], cosines.mean(1)):
+        expected |= set(np.argsort(-column)[:20].tolist())
+    assert set(positions.tolist()) == expected
+    with torch.inference_mode():
+        all_cosines = global_vectors(gallery) @ global_vectors(model.encode_captions(*pad(tokens)).glob).T
+    for text, column, near in zip(texts, exact.T, all_cosines.T, strict=True):
+        found = search(path, features, query=text, k=5, shortlist=20, device="cpu")
+        assert found.shortlist == 20 and found.gallery_size == 150
+        # the five best of the text's 20 nearest images by cosine, with their exact scores
+        shortlisted = np.argsort(-near)[:20]
+        best = shortlisted[np.argsort(-column[shortlisted], kind="stable")[:5]]
+        assert [hit.image_id for hit in found.hits] == [store.image_ids[i] for i in best]
+        np.testing.assert_allclose([hit.score for hit in found.hits], column[best], atol=1e-5)
+    assert search(path, features, query=texts[0], k=5, device="cpu").shortlist == 0  # 150 images: all scored
+
+
+def pad(tokens):
+    from matching.scoring import pad_tokens
+
+    return pad_tokens(tokens)
+
+
+def test_search_and_serve_commands_take_a_shortlist(trained_two_stage):
+    from fastapi.testclient import TestClient
+
+    from matching.service import SearchEngine
+    from pipelines.serve.app import create_app
+
+    features, captions, path = trained_two_stage
+    result = CliRunner().invoke(cli, ["search", "--checkpoint", str(path), "--features", str(features),
+                                      "--device", "cpu", "--shortlist", "30", "a red circle"])
+    assert result.exit_code == 0, result.output
+    assert "two-stage: the model re-ranked the 30 of 150 images nearest by global cosine" in result.output
+    engine = SearchEngine.open(path, features, device="cpu", ranker="shortlist", shortlist=30)
+    exact = SearchEngine.open(path, features, device="cpu", ranker="exact")
+    assert SearchEngine.open(path, features, device="cpu").info.ranker == "exact"  # auto: 150 images ≤ 200
+    info = TestClient(create_app(engine)).get("/api/info").json()
+    assert (info["ranker"], info["shortlist"]) == ("shortlist", 30)
+    for text in ("a red circle", "a blue square and a green star"):
+        two_stage, full = engine.search_text(text, 5).hits, exact.search_text(text, 5).hits
+        scores = {hit.hit.image_id: hit.hit.score for hit in exact.search_queries([text], 150).hits}
+        for hit in two_stage:
+            assert hit.hit.score == pytest.approx(scores[hit.hit.image_id], abs=1e-5)
+        assert two_stage[0].hit.score <= full[0].hit.score + 1e-6

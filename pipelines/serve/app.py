@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from matching.inference import QueryError
 from matching.service import ImageHit, SearchEngine, UnknownImageError
+from matching.shortlist import SEARCH_SHORTLIST
 from pipelines.serve.images import ImageFiles
 from pipelines.serve.worker import ModelWorker, WorkerBusy, WorkerStopped
 
@@ -120,7 +121,9 @@ class Info(BaseModel):
     captions: int = Field(description="captions ranked by image → text (0: no caption gallery)")
     images: bool = Field(description="thumbnails are served (--images)")
     device: str
-    ranker: str
+    ranker: str = Field(description="exact (every image scored) or shortlist (two-stage)")
+    shortlist: int = Field(description="images re-ranked by the full model after the global-cosine shortlist "
+                                       "(0: every image)")
     multi_query: str = Field(description="how POST /api/search combines queries")
     limits: dict[str, int]
 
@@ -213,7 +216,8 @@ def create_app(engine: SearchEngine, *, images_dir: str | os.PathLike | None = N
         about = engine.info
         return Info(checkpoint=Path(about.checkpoint).name, gallery_size=about.gallery_size,
                     captions=about.captions, images=files.root is not None, device=about.device,
-                    ranker=about.ranker, multi_query=about.multi_query, limits=asdict(limits))
+                    ranker=about.ranker, shortlist=about.shortlist, multi_query=about.multi_query,
+                    limits=asdict(limits))
 
     @app.get("/api/search", response_model=SearchResponse)
     async def search(q: Annotated[QueryText, Query(description="the text to search for")],
@@ -255,8 +259,9 @@ def create_app(engine: SearchEngine, *, images_dir: str | os.PathLike | None = N
 def build_app(checkpoint_path: str | os.PathLike, features: str | os.PathLike, *,
               captions: str | os.PathLike | None = None, split: str | None = None,
               images_dir: str | os.PathLike | None = None, index_path: str | os.PathLike | None = None,
-              device: str = "auto", limits: Limits = Limits()) -> FastAPI:
+              device: str = "auto", limits: Limits = Limits(), ranker: str = "auto",
+              shortlist: int = SEARCH_SHORTLIST) -> FastAPI:
     """Load the model and the gallery once (`SearchEngine.open`) and make the app over them."""
     engine = SearchEngine.open(checkpoint_path, features, captions=captions, split=split, index_path=index_path,
-                               device=device)
+                               device=device, ranker=ranker, shortlist=shortlist)
     return create_app(engine, images_dir=images_dir, limits=limits)
