@@ -24,22 +24,26 @@ def test_clipped_cosines_leaky_and_relu():
 
 
 def test_attention_weights_eq2_and_eq3_by_hand():
-    # K = 2 regions, L = 2 words, d = 2; cosines c = [[0.8, 0.6], [0.0, 1.0]] (regions × words).
+    # K = 2 regions, L = 2 words, d = 2; cosines c = [[0.6, 0.3], [0.0, 0.9]] (regions × words): no row
+    # or column has norm 1, so normalising over the words, over the regions or not at all all differ.
     regions = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    words = torch.tensor([[[0.8, 0.0], [0.6, 1.0]]])
+    words = torch.tensor([[[0.6, 0.0], [0.3, 0.9]]])
     cos = torch.einsum("ikd,cld->ickl", regions, words)
     lam = 2.0
     # Eq. 2: c̄ normalised over words per region; α softmax over regions for each word.
-    c_bar = [[0.8 / 1.0, 0.6 / 1.0], [0.0 / 1.0, 1.0 / 1.0]]
+    row = [math.hypot(0.6, 0.3), math.hypot(0.0, 0.9)]
+    c_bar = [[0.6 / row[0], 0.3 / row[0]], [0.0 / row[1], 0.9 / row[1]]]
     a1 = [math.exp(lam * c_bar[0][0]), math.exp(lam * c_bar[1][0])]  # word 1
     alpha_word1 = [a / sum(a1) for a in a1]
     attended = attend_regions(cos, regions, torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool),
                               lam)
     expected = torch.tensor(alpha_word1)  # Σ_i α_i1 v_i with v_1 = e1, v_2 = e2
     assert torch.allclose(attended[0, 0, 0], expected / expected.norm(), atol=1e-6)
+    unnormalised = torch.softmax(lam * torch.tensor([0.6, 0.0]), 0)
+    assert not torch.allclose(attended[0, 0, 0], unnormalised / unnormalised.norm(), atol=1e-3)
     # Eq. 3: c̄ normalised over regions per word; β softmax over words for each region.
-    col = [math.hypot(0.8, 0.0), math.hypot(0.6, 1.0)]
-    b2 = [math.exp(lam * 0.0 / col[0]), math.exp(lam * 1.0 / col[1])]  # region 2
+    col = [math.hypot(0.6, 0.0), math.hypot(0.3, 0.9)]
+    b2 = [math.exp(lam * 0.0 / col[0]), math.exp(lam * 0.9 / col[1])]  # region 2
     beta_region2 = [b / sum(b2) for b in b2]
     attended_t = attend_words(cos, words, torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool),
                               lam)
