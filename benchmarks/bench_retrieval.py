@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import time
@@ -96,7 +97,7 @@ def main() -> None:
     from matching.scoring import StoreImages, score_matrix
     from matching.shortlist import two_stage_metrics
 
-    log = print
+    log = functools.partial(print, flush=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     path = trained_model(args.workdir, args.train_scenes, log)
     features, captions = gallery(args.workdir, args.images)

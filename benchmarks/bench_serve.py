@@ -7,8 +7,8 @@ model at the paper's sizes (d = 1024, m = 256, word_dim = 300, M = 3 reasoning l
 
 1. the baseline: the engine in this process (`SearchEngine.search_text`), one query after
    another: exact scoring of the whole gallery per query, no HTTP, no queue;
-2. for each ranker in --rankers (today `exact`; a shortlist ranker registered in
-   `matching.service.RANKERS` is one flag away: --rankers exact,shortlist): a real uvicorn
+2. for each ranker in --rankers (`exact`: every image scored; `shortlist`: the --shortlist
+   images nearest by global cosine re-scored, two-stage search): a real uvicorn
    server in a child process on 127.0.0.1, loaded by a bounded generator (--requests
    requests at each --concurrency level, nothing new after --time-cap seconds) with httpx.
    The model runs one request at a time, so above concurrency 1 a request's latency adds
@@ -20,6 +20,7 @@ A JSON line (date, device, threads, sizes, figures) is appended to
 benchmarks/results/bench_serve.jsonl. Only loopback traffic; the child server is stopped.
 
     python benchmarks/bench_serve.py [--images 5000] [--requests 12] [--concurrency 1,4] [--time-cap 240]
+                                     [--rankers exact,shortlist] [--shortlist 200]
 """
 
 from __future__ import annotations
@@ -158,13 +159,13 @@ def free_port() -> int:
 
 
 def served(ckpt: Path, features: Path, ranker: str, queries: list[str], k: int, levels: list[int],
-           time_cap: float) -> list[dict]:
+           time_cap: float, shortlist: int) -> list[dict]:
     """The figures of a real uvicorn server in a child process with `ranker`, at each concurrency level."""
     import httpx
 
     port = free_port()
     child = subprocess.Popen([sys.executable, __file__, "--serve-child", "--ranker", ranker, "--port", str(port),
-                              "--checkpoint", str(ckpt), "--features", str(features),
+                              "--checkpoint", str(ckpt), "--features", str(features), "--shortlist", str(shortlist),
                               "--queue-size", str(max(32, 2 * max(levels)))])
     try:
         deadline = time.monotonic() + 600
@@ -195,7 +196,8 @@ def serve_child(args: argparse.Namespace) -> None:
     from matching.service import SearchEngine
     from pipelines.serve.app import Limits, create_app
 
-    engine = SearchEngine.open(args.checkpoint, args.features, device="cpu", ranker=args.ranker)
+    engine = SearchEngine.open(args.checkpoint, args.features, device="cpu", ranker=args.ranker,
+                               shortlist=args.shortlist)
     app = create_app(engine, limits=Limits(queue_size=args.queue_size))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
@@ -208,7 +210,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4", help="requests in flight; comma-separated levels")
     parser.add_argument("--time-cap", type=float, default=240, help="seconds per measurement, at most")
     parser.add_argument("-k", type=int, default=10, help="results per query")
-    parser.add_argument("--rankers", default="exact", help="comma-separated names from matching.service.RANKERS")
+    parser.add_argument("--rankers", default="exact,shortlist",
+                        help="comma-separated names from matching.service.RANKERS")
+    parser.add_argument("--shortlist", type=int, default=200, help="images the shortlist ranker re-scores")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tshsr-bench-serve")
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS}")
     parser.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
@@ -238,7 +242,7 @@ def main() -> None:
     baseline, startup = in_process(ckpt, features, queries[:args.baseline_queries], args.k, args.time_cap)
     rows = [baseline]
     for ranker in rankers:
-        rows += served(ckpt, features, ranker, queries[:args.requests], args.k, levels, args.time_cap)
+        rows += served(ckpt, features, ranker, queries[:args.requests], args.k, levels, args.time_cap, args.shortlist)
     print(f"\ntext → image, k = {args.k}, {args.images} images (engine start-up {startup:.1f} s: "
           "model loaded, gallery encoded)")
     print(f"{'path':<20} {'conc.':>5} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7} {'p50 / baseline':>15}")
@@ -252,7 +256,7 @@ def main() -> None:
         record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": "cpu",
                   "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "threads": torch.get_num_threads(), "load_average": [round(v, 1) for v in os.getloadavg()],
-                  "images": args.images, "k": args.k,
+                  "images": args.images, "k": args.k, "shortlist": args.shortlist,
                   "sizes": SIZES, "engine_start_s": round(startup, 1), "rows": rows}
         with open(RESULTS, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

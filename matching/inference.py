@@ -446,7 +446,7 @@ def search(
     check_features(store, config.model.img_dim, config.model.num_regions, checkpoint_path)
     gallery_ids = None
     if captions is not None:
-        gallery_ids, selected = _gallery_of(captions, split)
+        gallery_ids, selected = gallery_of(captions, split)
     if image_id is not None:
         hits = search_captions(model, vocab, store, image_id, selected, k=k, device=target)
         return SearchResult(hits, "image", image_id, gallery_size=len(selected))
@@ -471,7 +471,7 @@ def search(
     return SearchResult(hits, "text", texts[0], ignored, built, len(gallery), shortlist)
 
 
-def _gallery_of(data_file: str | os.PathLike, split: str | None) -> tuple[set[str], list]:
+def gallery_of(data_file: str | os.PathLike, split: str | None) -> tuple[set[str], list]:
     """(the image ids of a caption or query-set file's split, its captions (none for query sets))."""
     from matching.multiquery_data import is_query_file, read_query_sets, read_query_split
 

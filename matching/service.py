@@ -8,7 +8,7 @@ a memory budget), then answers:
 - `search_text(query, k)`: text → images, with the regions the words attend to;
 - `search_queries(queries, k)`: several queries given in rounds → images, with each image's
   rank after every round (for this single-query matching model: the mean of the queries'
-  scores, `MEAN_OF_QUERIES`; a multi-query checkpoint answers natively);
+  scores, `MEAN_OF_QUERIES`; a multi-query checkpoint answers with its own rounds, `ROUNDS`);
 - `image_captions(image_id, k)`: image → captions, the image's own captions marked.
 
 Which images get the model's full score is the `Ranker`'s business: `ExactRanker` scores the
@@ -32,15 +32,17 @@ import torch
 
 from extract.shards import FeatureStore
 from matching import checkpoint
-from matching.captions import Caption, read_captions, read_split, resolve_image_ids
+from matching.captions import Caption, resolve_image_ids
 from matching.encoders import Embedded
-from matching.inference import Hit, QueryError, check_features, encode_query
+from matching.inference import Hit, QueryError, check_features, encode_query, gallery_of, search_query_set
 from matching.model import TSHSR
+from matching.multiquery import HMRN
 from matching.scoring import StoreImages, encode_captions, encode_images, score_matrix
 from matching.shortlist import SEARCH_SHORTLIST, default_search_shortlist, global_vectors, rerank_images
 from matching.text import Vocabulary
 
 MEAN_OF_QUERIES = "mean"  # search_queries ranks by the mean of the queries' scores
+ROUNDS = "rounds"  # a multi-query checkpoint ranks by its own score after each round (HMRN)
 REGIONS_SHOWN = 3  # attended regions returned with each image hit
 CAPTION_CACHE_BYTES = 2 << 30  # caption embeddings kept in memory up to this size
 
@@ -171,13 +173,17 @@ class SearchEngine:
         self.encoded, self.device, self.batch_size = encoded.to(device), device, batch_size
         self.position = {image_id: i for i, image_id in enumerate(self.gallery)}
         self.ranker = ranker or ExactRanker(self.model, self.encoded, device, batch_size)
+        self.multi = isinstance(model, HMRN)
+        if self.multi and captions:
+            raise ValueError("a multi-query model ranks images for queries, not captions: no caption gallery")
         self.captions = list(captions)
         owners = resolve_image_ids({c.image_id for c in self.captions}, self.gallery)
         self.caption_owner = [owners.get(c.image_id) for c in self.captions]  # gallery id or None
         self.caption_tokens = [vocab.encode(c.text) for c in self.captions]
         self._caption_blocks = self._encode_captions() if self._caption_bytes() <= caption_cache_bytes else None
         self.info = EngineInfo(checkpoint="", gallery_size=len(gallery), captions=len(self.captions),
-                               device=str(device), ranker=self.ranker.name, multi_query=MEAN_OF_QUERIES,
+                               device=str(device), ranker=self.ranker.name,
+                               multi_query=ROUNDS if self.multi else MEAN_OF_QUERIES,
                                index_path=None, index_built=False, start_seconds=0.0,
                                shortlist=getattr(self.ranker, "shortlist", 0))
 
@@ -209,9 +215,9 @@ class SearchEngine:
         check_features(store, config.model.img_dim, config.model.num_regions, checkpoint_path)
         selected: list[Caption] = []
         gallery = store.image_ids
-        if captions is not None:
-            selected = read_split(captions, split, "serve") if split else read_captions(captions)
-            gallery = sorted(set(resolve_image_ids({c.image_id for c in selected}, store.image_ids).values()))
+        if captions is not None:  # a caption file, or a multi-query file (its images; no captions)
+            image_ids, selected = gallery_of(captions, split)
+            gallery = sorted(set(resolve_image_ids(image_ids, store.image_ids).values()))
             if not gallery:
                 raise QueryError(f"{captions}: none of its {split or ''} images is in {store.directory}")
         built = False
@@ -222,7 +228,9 @@ class SearchEngine:
         else:
             with torch.inference_mode():
                 encoded = encode_images(model, StoreImages(store, gallery), target, batch_size)
-        if ranker == "auto":
+        if config.task == "multi-query":
+            ranker = "exact"  # HMRN scores every image; its rounds are its own
+        elif ranker == "auto":
             ranker = "shortlist" if default_search_shortlist(config) and shortlist < len(gallery) else "exact"
         engine = cls(model, vocab, store, gallery, encoded=encoded, captions=selected, device=target,
                      ranker=RANKERS[ranker](model, encoded.to(target), target, batch_size,
@@ -238,6 +246,9 @@ class SearchEngine:
 
     def search_text(self, query: str, k: int) -> TextResult:
         """The `k` best gallery images for a text, best first, with their attended regions."""
+        if self.multi:  # one round of the model's own rounds
+            found = self.search_queries([query], k)
+            return TextResult(found.hits, found.ignored_words[0])
         tokens, ignored = encode_query(self.vocab, query)
         found = self.ranker.candidates([tokens], k)
         order = np.argsort(-found.scores[:, 0], kind="stable")[:k]
@@ -259,6 +270,8 @@ class SearchEngine:
                 encoded.append(encode_query(self.vocab, text))
             except QueryError as error:
                 raise QueryError(f"query {number}: {error}") from None
+        if self.multi:
+            return self._rounds(queries, k, [ignored for _, ignored in encoded])
         found = self.ranker.candidates([tokens for tokens, _ in encoded], k)
         cumulative = np.cumsum(found.scores.astype(np.float64), axis=1)  # (c, q)
         rounds = cumulative / np.arange(1, len(queries) + 1)  # (c, q): column r = mean of queries 0..r
@@ -273,6 +286,14 @@ class SearchEngine:
         for hit, row in zip(hits, order, strict=True):
             hit.rank_by_round = ranks[row].tolist()
         return RoundsResult(hits, [ignored for _, ignored in encoded], MEAN_OF_QUERIES)
+
+    def _rounds(self, queries: Sequence[str], k: int, ignored: list[list[str]]) -> RoundsResult:
+        """A multi-query model's answer: its score after the last round, its ranks after every round."""
+        hits, _ = search_query_set(self.model, self.vocab, self.store, queries, k=k, image_ids=self.gallery,
+                                   device=self.device, batch_size=self.batch_size, with_regions=True,
+                                   encoded=self.encoded)
+        found = [ImageHit(hit, self.store.get(hit.image_id)[3], rank_by_round=hit.round_ranks) for hit in hits]
+        return RoundsResult(found, ignored, ROUNDS)
 
     def _image_hits(self, positions: np.ndarray, scores: np.ndarray, tokens: list[int]) -> list[ImageHit]:
         weights = self.region_weights(positions, tokens) if len(positions) else []
@@ -305,6 +326,8 @@ class SearchEngine:
     def image_captions(self, image_id: str, k: int) -> CaptionsResult:
         """The `k` captions of the caption gallery that best describe a gallery image, best first."""
         position = self.require(image_id)
+        if self.multi:
+            raise QueryError("a multi-query model ranks images for queries, not captions for an image")
         if not self.captions:
             raise QueryError("no caption gallery: start with --captions to rank captions for an image")
         scores = np.zeros(len(self.captions), np.float32)

@@ -81,6 +81,32 @@ def test_search_ranks_images_for_queries_given_in_rounds(trained_multiquery, tmp
     assert (tmp_path / "p.html").read_text().count("<figure>") == 3
 
 
+def test_serve_answers_a_multi_query_model_with_its_own_rounds(trained_multiquery):
+    from fastapi.testclient import TestClient
+
+    from matching.inference import search
+    from matching.multiquery_data import read_query_sets
+    from matching.service import ROUNDS, SearchEngine
+    from pipelines.serve.app import create_app
+
+    ckpt, features, queries = files(trained_multiquery)
+    target = next(s for s in read_query_sets(queries, "test"))
+    engine = SearchEngine.open(ckpt, features, captions=queries, split="test", device="cpu")
+    assert engine.info.multi_query == ROUNDS and engine.info.captions == 0 and engine.info.gallery_size == 40
+    with TestClient(create_app(engine)) as client:
+        answer = client.post("/api/search", json={"queries": target.queries, "k": 5}).json()
+        expected = search(ckpt, features, query=target.queries, captions=queries, split="test", k=5, device="cpu")
+        assert answer["combination"] == ROUNDS
+        assert [hit["image_id"] for hit in answer["hits"]] == [hit.image_id for hit in expected.hits]
+        assert [hit["rank_by_round"] for hit in answer["hits"]] == [hit.round_ranks for hit in expected.hits]
+        assert answer["hits"][0]["image_id"] == target.image_id and len(answer["hits"][0]["regions"]) == 3
+        one = client.get("/api/search", params={"q": target.queries[0], "k": 3}).json()["hits"]
+        first = search(ckpt, features, query=[target.queries[0]], captions=queries, split="test", k=3, device="cpu")
+        assert [hit["image_id"] for hit in one] == [hit.image_id for hit in first.hits]
+        refused = client.get(f"/api/images/{target.image_id}/captions")
+        assert refused.status_code == 422 and "ranks images for queries, not captions" in refused.json()["detail"]
+
+
 def test_vocab_comes_from_the_training_queries(trained_multiquery, tmp_path):
     _, _, queries = files(trained_multiquery)
     result = runner.invoke(cli, ["vocab", str(queries), "--out", str(tmp_path / "v.json"), "--threshold", "1"])

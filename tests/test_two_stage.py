@@ -222,7 +222,8 @@ def test_search_and_serve_commands_take_a_shortlist(trained_two_stage):
     engine = SearchEngine.open(path, features, device="cpu", ranker="shortlist", shortlist=30)
     exact = SearchEngine.open(path, features, device="cpu", ranker="exact")
     assert SearchEngine.open(path, features, device="cpu").info.ranker == "exact"  # auto: 150 images ≤ 200
-    info = TestClient(create_app(engine)).get("/api/info").json()
+    with TestClient(create_app(engine)) as client:
+        info = client.get("/api/info").json()
     assert (info["ranker"], info["shortlist"]) == ("shortlist", 30)
     for text in ("a red circle", "a blue square and a green star"):
         two_stage, full = engine.search_text(text, 5).hits, exact.search_text(text, 5).hits
