@@ -38,7 +38,14 @@ from matching.inference import Hit, QueryError, check_features, encode_query, ga
 from matching.model import TSHSR
 from matching.multiquery import HMRN
 from matching.scoring import StoreImages, encode_captions, encode_images, score_matrix
-from matching.shortlist import SEARCH_SHORTLIST, default_search_shortlist, global_vectors, rerank_images
+from matching.shortlist import (
+    SEARCH_SHORTLIST,
+    CaptionGroups,
+    default_search_shortlist,
+    encode_queries,
+    global_vectors,
+    rerank_images,
+)
 from matching.text import Vocabulary
 
 MEAN_OF_QUERIES = "mean"  # search_queries ranks by the mean of the queries' scores
@@ -57,6 +64,7 @@ class Candidates:
 
     index: np.ndarray  # (c,) int64 positions in the gallery; every image for ExactRanker
     scores: np.ndarray  # (c, q) float32: the model's score of each candidate for each query
+    queries: CaptionGroups | None = None  # the queries as the model encoded them, when the ranker kept them
 
 
 class Ranker(Protocol):
@@ -96,9 +104,10 @@ class ShortlistRanker:
         self.vectors = global_vectors(encoded)
 
     def candidates(self, queries: Sequence[Sequence[int]], k: int) -> Candidates:
-        index, scores = rerank_images(self.model, self.encoded, queries, max(self.shortlist, k),
+        encoded = encode_queries(self.model, queries, self.device, self.batch_size)
+        index, scores = rerank_images(self.model, self.encoded, encoded, max(self.shortlist, k),
                                       image_vectors=self.vectors, device=self.device, batch_size=self.batch_size)
-        return Candidates(index, scores)
+        return Candidates(index, scores, encoded)
 
 
 # name → factory(model, encoded gallery, device): how `SearchEngine.open(ranker=…)` builds one;
@@ -253,7 +262,8 @@ class SearchEngine:
         found = self.ranker.candidates([tokens], k)
         order = np.argsort(-found.scores[:, 0], kind="stable")[:k]
         positions = found.index[order]
-        return TextResult(self._image_hits(positions, found.scores[order, 0], tokens), ignored)
+        caption = found.queries.caption(0) if found.queries is not None else None
+        return TextResult(self._image_hits(positions, found.scores[order, 0], tokens, caption), ignored)
 
     def search_queries(self, queries: Sequence[str], k: int) -> RoundsResult:
         """The `k` best images for queries given in rounds, by the mean of their scores.
@@ -282,7 +292,8 @@ class SearchEngine:
         final = found.scores[:, 0] if len(queries) == 1 else rounds[:, -1].astype(np.float32)
         order = np.argsort(-final, kind="stable")[:k]
         # the regions shown are those the latest query attends to: what the last round added
-        hits = self._image_hits(found.index[order], final[order], encoded[-1][0])
+        last = found.queries.caption(len(queries) - 1) if found.queries is not None else None
+        hits = self._image_hits(found.index[order], final[order], encoded[-1][0], last)
         for hit, row in zip(hits, order, strict=True):
             hit.rank_by_round = ranks[row].tolist()
         return RoundsResult(hits, [ignored for _, ignored in encoded], MEAN_OF_QUERIES)
@@ -295,8 +306,9 @@ class SearchEngine:
         found = [ImageHit(hit, self.store.get(hit.image_id)[3], rank_by_round=hit.round_ranks) for hit in hits]
         return RoundsResult(found, ignored, ROUNDS)
 
-    def _image_hits(self, positions: np.ndarray, scores: np.ndarray, tokens: list[int]) -> list[ImageHit]:
-        weights = self.region_weights(positions, tokens) if len(positions) else []
+    def _image_hits(self, positions: np.ndarray, scores: np.ndarray, tokens: list[int],
+                    caption: Embedded | None = None) -> list[ImageHit]:
+        weights = self.region_weights(positions, tokens, caption) if len(positions) else []
         hits = []
         for rank, (position, score, row) in enumerate(zip(positions, scores, weights, strict=True), 1):
             image_id = self.gallery[int(position)]
@@ -306,17 +318,19 @@ class SearchEngine:
             hits.append(ImageHit(Hit(rank, float(score), image_id, image_id, regions=regions), size))
         return hits
 
-    def region_weights(self, positions: np.ndarray, tokens: list[int]) -> np.ndarray:
+    def region_weights(self, positions: np.ndarray, tokens: list[int], caption: Embedded | None = None) -> np.ndarray:
         """How much a caption's words attend to each region of already-encoded gallery images:
         Eq. 2's α averaged over the words, (n, K) (padded regions 0), as
-        `matching.inference.attended_regions` computes it for one image from its features."""
+        `matching.inference.attended_regions` computes it for one image from its features.
+        `caption`: the caption as the model encoded it (1, L, d), when the ranker kept it."""
         from matching.similarity import clipped_cosines, region_attention
 
         index = torch.as_tensor(np.asarray(positions, np.int64), device=self.device)
         with torch.inference_mode():
             images = self.encoded.select(index)  # (n, K, d)
-            caption = self.model.encode_captions(torch.tensor([tokens], device=self.device),
-                                                 torch.tensor([len(tokens)]))  # (1, L, d)
+            if caption is None:
+                caption = self.model.encode_captions(torch.tensor([tokens], device=self.device),
+                                                     torch.tensor([len(tokens)]))  # (1, L, d)
             cos = clipped_cosines(images.local, caption.local, self.model.head.attention_clip)  # (n, 1, K, L)
             alpha = region_attention(cos, images.mask, caption.mask, self.model.head.lambda_i2t)  # (n, 1, L, K)
             return alpha[:, 0].mean(1).cpu().numpy()  # (n, K)

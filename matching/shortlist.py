@@ -137,6 +137,14 @@ class CaptionGroups:
     def __len__(self) -> int:
         return len(self.glob)
 
+    def caption(self, number: int) -> Embedded:
+        """Caption `number` as the encoder gave it: (1, L, d), L its own length."""
+        for index, emb in self.groups:
+            rows = (index == number).nonzero().flatten()
+            if len(rows):
+                return emb.select(rows.to(emb.local.device))
+        raise IndexError(f"no caption {number} among {len(self)}")
+
     @classmethod
     def encode(cls, model: TSHSR, captions: Sequence[Sequence[int]] | Embedded, device: torch.device,
                batch_size: int = 128) -> CaptionGroups:
@@ -226,7 +234,19 @@ def default_search_shortlist(config: Any) -> int:
     return SEARCH_SHORTLIST if getattr(config.train, "global_loss_weight", 0) > 0 else 0
 
 
-def rerank_images(model: TSHSR, images: Embedded, queries: Sequence[Sequence[int]], k: int, *,
+def encode_queries(model: TSHSR, queries: Sequence[Sequence[int]], device: str | torch.device = "cpu",
+                   batch_size: int = 128) -> CaptionGroups:
+    """Token-id queries encoded once by the model (in eval mode for the call), for `rerank_images`."""
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        with torch.inference_mode():
+            return CaptionGroups.encode(model, queries, torch.device(device), batch_size)
+    finally:
+        model.train(was_training)
+
+
+def rerank_images(model: TSHSR, images: Embedded, queries: Sequence[Sequence[int]] | CaptionGroups, k: int, *,
                   image_vectors: np.ndarray | None = None, device: str | torch.device = "cpu",
                   batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Two-stage search of an encoded gallery for a few text queries.
@@ -237,18 +257,13 @@ def rerank_images(model: TSHSR, images: Embedded, queries: Sequence[Sequence[int
 
     Args:
         images: the gallery as this model encodes it (e.g. from a search index).
+        queries: token-id lists, or the queries already encoded by this model.
         image_vectors: `global_vectors(images)`, when the caller keeps them between searches.
     """
-    if not queries:
+    if not len(queries):
         raise ValueError("rerank_images needs at least one query")
     device = torch.device(device)
-    was_training = model.training
-    model.eval().to(device)
-    try:
-        with torch.inference_mode():
-            captions = CaptionGroups.encode(model, queries, device, batch_size)
-    finally:
-        model.train(was_training)
+    captions = queries if isinstance(queries, CaptionGroups) else encode_queries(model, queries, device, batch_size)
     vectors = global_vectors(images) if image_vectors is None else image_vectors
     cosines = vectors @ global_vectors(captions.glob).T  # (n, q)
     k = min(k, len(vectors))

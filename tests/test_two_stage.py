@@ -231,3 +231,10 @@ def test_search_and_serve_commands_take_a_shortlist(trained_two_stage):
         for hit in two_stage:
             assert hit.hit.score == pytest.approx(scores[hit.hit.image_id], abs=1e-5)
         assert two_stage[0].hit.score <= full[0].hit.score + 1e-6
+        # the attended regions come from the query the ranker encoded: the same as encoding it again
+        shown = {hit.hit.image_id: hit.hit.regions for hit in full}
+        for hit in two_stage:
+            if hit.hit.image_id in shown:
+                for (box, weight), (box_again, weight_again) in zip(hit.hit.regions, shown[hit.hit.image_id],
+                                                                    strict=True):
+                    assert box == box_again and weight == pytest.approx(weight_again, abs=1e-5)
