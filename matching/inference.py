@@ -186,6 +186,11 @@ def evaluate_checkpoint(
             raise MetricsError("--shortlist runs in one process; start evaluate without torchrun")
         from matching.shortlist import two_stage_metrics
 
+        untrained = [str(path) for path, (_, config, _) in zip(checkpoints, loaded, strict=True)
+                     if config.train.global_loss_weight == 0]
+        if untrained and log is not None:
+            log(f"note: {', '.join(untrained)} trained without the global loss (an SGRAF import, or an older "
+                "run): its global vectors shortlist as they are; read the shortlist recall below")
         device_t = resolve_device(device)
         results, reports = two_stage_metrics(
             [model for model, _, _ in loaded], StoreImages(store, image_ids),

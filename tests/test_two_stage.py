@@ -238,3 +238,19 @@ def test_search_and_serve_commands_take_a_shortlist(trained_two_stage):
                 for (box, weight), (box_again, weight_again) in zip(hit.hit.regions, shown[hit.hit.image_id],
                                                                     strict=True):
                     assert box == box_again and weight == pytest.approx(weight_again, abs=1e-5)
+
+
+def test_a_model_without_the_global_loss_is_shortlisted_with_a_note(trained_two_stage, tmp_path):
+    features, captions, path = trained_two_stage
+    model, config, vocab = checkpoint.load(path)
+    checkpoint.save(tmp_path / "old.pt", model, config.updated(train={"global_loss_weight": 0.0}), vocab)
+    lines = []
+    outcome = evaluate_checkpoint(tmp_path / "old.pt", features, captions, split=None, device="cpu", shortlist=5,
+                                  log=lines.append)
+    assert any("trained without the global loss" in line and "old.pt" in line for line in lines), lines
+    assert outcome.shortlist["full"].pairs_scored > 0
+    from matching.shortlist import SEARCH_SHORTLIST, default_search_shortlist
+
+    # search and serve shortlist by default only with global vectors trained for it
+    assert default_search_shortlist(checkpoint.load(tmp_path / "old.pt")[1]) == 0
+    assert default_search_shortlist(config) == SEARCH_SHORTLIST
