@@ -35,25 +35,31 @@ class Caption:
     where: str  # "file:line", for error messages
 
 
-def _split_name(value: object) -> str | None:
+def split_name(value: object) -> str | None:
+    """A split as written in a file, normalised (lower case, restval → train, dev → val); None if absent."""
     if value is None or value == "":
         return None
     name = str(value).strip().lower()
     return SPLIT_ALIASES.get(name, name)
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path, error: type[CaptionFormatError] | None = None, kind: str = "caption file") -> str:
+    """A UTF-8 text file (a BOM allowed); `error` (default CaptionFormatError) names the file, and the
+    line of a byte that is not UTF-8, when it cannot be read."""
+    error = error or CaptionFormatError
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise CaptionFormatError(f"{path}: no such caption file") from None
-    except OSError as error:
-        raise CaptionFormatError(f"{path}: unreadable ({error.strerror})") from None
+        raise error(f"{path}: no such {kind}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a file") from None
+    except OSError as failure:
+        raise error(f"{path}: unreadable ({failure.strerror})") from None
     try:
         return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise CaptionFormatError(f"{path}:{line}: not valid UTF-8 (byte {raw[error.start]:#04x})") from None
+    except UnicodeDecodeError as failure:
+        line = raw[: failure.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not valid UTF-8 (byte {raw[failure.start]:#04x})") from None
 
 
 def _karpathy(path: Path, payload: dict) -> list[Caption]:
@@ -72,7 +78,7 @@ def _karpathy(path: Path, payload: dict) -> list[Caption]:
             text = sentence.get("raw") if isinstance(sentence, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise CaptionFormatError(f"{where}.sentences[{k}] ({image['filename']}): empty caption")
-            captions.append(Caption(str(image["filename"]), text.strip(), _split_name(image.get("split")),
+            captions.append(Caption(str(image["filename"]), text.strip(), split_name(image.get("split")),
                                     f"{where}.sentences[{k}]"))
     return captions
 
@@ -92,7 +98,7 @@ def _jsonl(path: Path, text: str) -> list[Caption]:
         if not isinstance(caption, str) or not caption.strip():
             raise CaptionFormatError(f"{path}:{number}: empty caption")
         captions.append(Caption(str(record["image_id"]).strip(), caption.strip(),
-                                _split_name(record.get("split")), f"{path}:{number}"))
+                                split_name(record.get("split")), f"{path}:{number}"))
     return captions
 
 
@@ -110,7 +116,7 @@ def _tsv(path: Path, text: str) -> list[Caption]:
             raise CaptionFormatError(f"{path}:{number}: empty image id")
         if not caption:
             raise CaptionFormatError(f"{path}:{number}: empty caption")
-        captions.append(Caption(image_id, caption, _split_name(fields[2]) if len(fields) == 3 else None,
+        captions.append(Caption(image_id, caption, split_name(fields[2]) if len(fields) == 3 else None,
                                 f"{path}:{number}"))
     return captions
 
@@ -118,7 +124,7 @@ def _tsv(path: Path, text: str) -> list[Caption]:
 def read_captions(path: str | os.PathLike, split: str | Sequence[str] | None = None) -> list[Caption]:
     """Every caption of a file, in file order; keep only `split` (a name or names) when given."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text_file(path)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" or (stripped.startswith("{") and '"images"' in stripped[:4096]):
         try:
@@ -136,7 +142,7 @@ def read_captions(path: str | os.PathLike, split: str | Sequence[str] | None = N
         raise CaptionFormatError(f"{path}: no captions")
     if split is None:
         return captions
-    wanted = {_split_name(s) for s in ([split] if isinstance(split, str) else split)}
+    wanted = {split_name(s) for s in ([split] if isinstance(split, str) else split)}
     return [c for c in captions if c.split is None or c.split in wanted]
 
 
@@ -152,7 +158,7 @@ def read_split(path: str | os.PathLike, split: str | Sequence[str], purpose: str
 
 def select_split(items: Sequence[Any], split: str | Sequence[str]) -> list[Any]:
     """The items (anything with a `.split`) of `split`; items without a split count for any."""
-    wanted = {_split_name(s) for s in ([split] if isinstance(split, str) else split)}
+    wanted = {split_name(s) for s in ([split] if isinstance(split, str) else split)}
     return [item for item in items if item.split is None or item.split in wanted]
 
 
@@ -162,7 +168,7 @@ def missing_split(path: str | os.PathLike, split: str | Sequence[str], splits: S
     counts: dict[str, int] = {}
     for name in splits:
         counts[str(name)] = counts.get(str(name), 0) + 1
-    names = "', '".join(sorted({str(_split_name(s)) for s in ([split] if isinstance(split, str) else split)}))
+    names = "', '".join(sorted({str(split_name(s)) for s in ([split] if isinstance(split, str) else split)}))
     listed = ", ".join(f"{name} ({n} {what})" for name, n in sorted(counts.items()))
     return CaptionFormatError(f"{path}: no {what} of split '{names}'" + (f" for {purpose}" if purpose else "")
                               + f"; the file has {listed}")

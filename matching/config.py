@@ -259,6 +259,7 @@ class Config:
 
 # faiss indexes of two-stage retrieval's first stage (`matching.shortlist`): exact, inverted file, HNSW graph.
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+SEARCH_SHORTLIST = 200  # images a search query re-ranks with the full model (two-stage search's default)
 
 MODEL_CONFIGS: dict[str, type] = {"matching": ModelConfig, "multi-query": MultiQueryConfig}
 

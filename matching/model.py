@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from matching.config import ModelConfig
+from matching.config import ConfigError, ModelConfig, MultiQueryConfig
 from matching.encoders import Embedded, ImageEncoder, TextEncoder
 from matching.reasoning import build_reasoning
 from matching.similarity import SimilarityHead
@@ -49,11 +49,11 @@ class TSHSR(nn.Module):
                                 self.encode_captions(tokens, lengths))
 
 
-def build_model(config: ModelConfig) -> TSHSR:
-    """A freshly initialised network for `config` (validated first)."""
+def build_encoders(config: ModelConfig | MultiQueryConfig) -> tuple[ImageEncoder, TextEncoder]:
+    """The region and text encoders of a config (both tasks' models share them), validated first."""
     config.validate()
     if config.vocab_size < 4:
-        raise ValueError(f"model.vocab_size is {config.vocab_size}; set it from the vocabulary")
+        raise ConfigError(f"model.vocab_size is {config.vocab_size}; set it from the vocabulary")
     image_encoder = ImageEncoder(img_dim=config.img_dim, embed_size=config.embed_size,
                                  num_regions=config.num_regions, dropout=config.dropout,
                                  normalize=config.normalize_images)
@@ -61,6 +61,12 @@ def build_model(config: ModelConfig) -> TSHSR:
                                embed_size=config.embed_size, num_layers=config.gru_layers,
                                bidirectional=config.bidirectional, dropout=config.dropout,
                                normalize=config.normalize_text)
+    return image_encoder, text_encoder
+
+
+def build_model(config: ModelConfig) -> TSHSR:
+    """A freshly initialised network for `config` (validated first)."""
+    image_encoder, text_encoder = build_encoders(config)
     reasoning = build_reasoning(config.reasoning, config.sim_dim, config.reasoning_steps,
                                 config.relation_norm)
     head = SimilarityHead(embed_size=config.embed_size, sim_dim=config.sim_dim, streams=config.streams,

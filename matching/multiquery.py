@@ -60,8 +60,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from matching.config import ROUND_WEIGHTS, ConfigError, MultiQueryConfig
+from matching.config import ROUND_WEIGHTS, MultiQueryConfig
 from matching.encoders import Embedded, ImageEncoder, TextEncoder
+from matching.model import build_encoders
 from matching.multiquery_data import pad_query_sets
 from matching.reasoning import SGRLayer
 from matching.scoring import ImageSource, default_budget, encode_images
@@ -284,16 +285,7 @@ class HMRN(nn.Module):
 
 def build_hmrn(config: MultiQueryConfig) -> HMRN:
     """A freshly initialised HMRN for `config` (validated first)."""
-    config.validate()
-    if config.vocab_size < 4:
-        raise ConfigError(f"model.vocab_size is {config.vocab_size}; set it from the vocabulary")
-    image_encoder = ImageEncoder(img_dim=config.img_dim, embed_size=config.embed_size,
-                                 num_regions=config.num_regions, dropout=config.dropout,
-                                 normalize=config.normalize_images)
-    text_encoder = TextEncoder(vocab_size=config.vocab_size, word_dim=config.word_dim,
-                               embed_size=config.embed_size, num_layers=config.gru_layers,
-                               bidirectional=config.bidirectional, dropout=config.dropout,
-                               normalize=config.normalize_text)
+    image_encoder, text_encoder = build_encoders(config)
     reasoning = VectorReasoning(embed_size=config.embed_size, sim_dim=config.sim_dim,
                                 steps=config.reasoning_steps, lam=config.lambda_reasoning)
     lambda_local = config.lambda_i2t if config.direction == "i2t" else config.lambda_t2i

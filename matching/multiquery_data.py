@@ -34,7 +34,14 @@ from torch.utils.data import Dataset, Sampler
 
 from extract.safeio import atomic_write
 from extract.shards import FeatureStore
-from matching.captions import SPLIT_ALIASES, CaptionFormatError, missing_split, resolve_image_ids, select_split
+from matching.captions import (
+    CaptionFormatError,
+    missing_split,
+    read_text_file,
+    resolve_image_ids,
+    select_split,
+    split_name,
+)
 from matching.data import EpochBatchSampler
 from matching.text import Vocabulary
 
@@ -56,27 +63,8 @@ class QuerySet:
     where: str  # "file:line", for error messages
 
 
-def _split_name(value: object) -> str | None:
-    if value is None or value == "":
-        return None
-    name = str(value).strip().lower()
-    return SPLIT_ALIASES.get(name, name)
-
-
 def _decode(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise QueryFormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise QueryFormatError(f"{path}: is a directory, not a file") from None
-    except OSError as error:
-        raise QueryFormatError(f"{path}: unreadable ({error.strerror})") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise QueryFormatError(f"{path}:{line}: not valid UTF-8 (byte {raw[error.start]:#04x})") from None
+    return read_text_file(path, QueryFormatError, "file")
 
 
 def read_query_sets(path: str | os.PathLike, split: str | Sequence[str] | None = None) -> list[QuerySet]:
@@ -106,7 +94,7 @@ def read_query_sets(path: str | os.PathLike, split: str | Sequence[str] | None =
         if image_id in seen:
             raise QueryFormatError(f"{where}: image {image_id!r} already has a line ({path}:{seen[image_id]})")
         seen[image_id] = number
-        sets.append(QuerySet(image_id, tuple(q.strip() for q in queries), _split_name(record.get("split")), where))
+        sets.append(QuerySet(image_id, tuple(q.strip() for q in queries), split_name(record.get("split")), where))
     if not sets:
         raise QueryFormatError(f"{path}: no query sets")
     if split is None:
@@ -147,7 +135,7 @@ def write_query_sets(path: str | os.PathLike, sets: Iterable[QuerySet]) -> Path:
 
 def build_query_vocab(sets: Iterable[QuerySet], threshold: int = 4, splits: Sequence[str] = ("train",)) -> Vocabulary:
     """The vocabulary of the queries of `splits` (sets without a split count), tokenised as captions are."""
-    wanted = {_split_name(s) for s in splits}
+    wanted = {split_name(s) for s in splits}
     return Vocabulary.build((q for s in sets if s.split is None or s.split in wanted for q in s.queries), threshold)
 
 

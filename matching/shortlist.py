@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from matching.config import INDEX_KINDS
+from matching.config import INDEX_KINDS, SEARCH_SHORTLIST
 from matching.encoders import Embedded
 from matching.model import TSHSR
 from matching.scoring import (
@@ -225,7 +225,6 @@ def score_candidates(
     return scores
 
 
-SEARCH_SHORTLIST = 200  # images a search query re-ranks with the full model (two-stage search's default)
 
 
 def default_search_shortlist(config: Any) -> int:

@@ -13,7 +13,16 @@ from pathlib import Path
 import click
 
 from extract.runtime import DEVICE_CHOICES
-from matching.config import INDEX_KINDS, PRESETS, TASKS, VARIANTS, ModelConfig, MultiQueryConfig, TrainConfig
+from matching.config import (
+    INDEX_KINDS,
+    PRESETS,
+    SEARCH_SHORTLIST,
+    TASKS,
+    VARIANTS,
+    ModelConfig,
+    MultiQueryConfig,
+    TrainConfig,
+)
 from matching.evaluation import PROTOCOLS
 from matching.precomp import SPLITS as PRECOMP_SPLITS
 from pipelines.errors import UserError, user_errors
@@ -26,6 +35,13 @@ MODEL, TRAIN = ModelConfig(), TrainConfig()
 def device_option(command):  # noqa: ANN001, ANN201 - a click decorator
     return click.option("--device", default="auto", show_default=True,
                         help=f"{DEVICE_CHOICES}; auto takes the GPU when there is one.")(command)
+
+
+def shortlist_option(command):  # noqa: ANN001, ANN201 - a click decorator (search and serve)
+    return click.option("--shortlist", type=click.IntRange(min=0), metavar="K",
+                        help="Two-stage search: the full model re-ranks only the K images nearest to the "
+                             "query by global-vector cosine; 0 scores every image [default: "
+                             f"{SEARCH_SHORTLIST} for a model trained with the global loss, else 0].")(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -366,10 +382,7 @@ def train(task: str | None, features: Path, captions: Path, vocab_path: Path, na
 @click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Search index: the gallery encoded once by the model (built here on first use).")
 @click.option("--rebuild-index", is_flag=True, help="Encode the gallery again into --index.")
-@click.option("--shortlist", type=click.IntRange(min=0), metavar="K",
-              help="Two-stage search: the full model re-ranks only the K images nearest to the text by "
-                   "global-vector cosine; 0 scores every image [default: 200 for a model trained with the "
-                   "global loss, else 0].")
+@shortlist_option
 @device_option
 @user_errors
 def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_k: int, image_id: str | None,
@@ -518,10 +531,7 @@ cli.add_command(verify)
               help="Search index: the gallery encoded once by the model (built here on first use).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--shortlist", type=click.IntRange(min=0), metavar="K",
-              help="Two-stage search: the full model re-ranks only the K images nearest to the queries by "
-                   "global-vector cosine; 0 scores every image [default: 200 for a model trained with the "
-                   "global loss, else 0].")
+@shortlist_option
 @device_option
 @user_errors
 def serve(checkpoint_path: Path, features: Path, captions: Path | None, split: str | None, images_dir: Path | None,
