@@ -46,6 +46,9 @@ class ModelConfig:
     reasoning_stream: str = "i2t"  # the stream that reasons, Table V
     streams: str = "both"  # i2t ("HSR"), t2i, or both ("TSHSR"), Table I
     relation_norm: str = "softmax"  # HSR relation matrix: softmax rows, or none (the paper's literal Eq. 4)
+    # Size of the shortlist's vectors (`matching.first_stage`: a head trained beside the model on detached
+    # inputs, used only by two-stage retrieval); 0 = no head.
+    first_stage_dim: int = 256
 
     def validate(self) -> ModelConfig:
         """Raise ConfigError on a value no model can be built from; returns self."""
@@ -59,6 +62,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be at least 1, not {getattr(self, name)}")
         if self.reasoning_steps < 0:
             raise ConfigError(f"model.reasoning_steps must be 0 or more, not {self.reasoning_steps}")
+        if self.first_stage_dim < 0:
+            raise ConfigError(f"model.first_stage_dim must be 0 (no first stage) or more, not {self.first_stage_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), not {self.dropout}")
         if self.reasoning_steps > 0 and self.streams not in ("both", self.reasoning_stream):
@@ -153,9 +158,11 @@ class TrainConfig:
     margin: float = 0.2  # α of the triplet loss (Eq. 9)
     hardest_negatives: bool = True  # max over negatives (VSE++); False sums all negatives
     warmup_epochs: int = 0  # epochs that sum all negatives before switching to the hardest
-    # Weight of the same hinge on the global vectors' cosines cos(v̄, t̄), added to the loss: it trains
-    # the first stage of two-stage retrieval (`evaluate --shortlist`). 0 = off (the paper's loss alone).
-    global_loss_weight: float = 1.0
+    # Weight of the same hinge on the model's global vectors' cosines cos(v̄, t̄), added to the paper's loss.
+    # Off by default: it shares the encoders and costs the paper's model what pooled vectors cannot separate
+    # (docs/decisions.md); the shortlist has its own head (model.first_stage_dim).
+    global_loss_weight: float = 0.0
+    first_stage_temperature: float = 0.05  # InfoNCE temperature of the first-stage head's own loss
     learning_rate: float = 2e-4  # Adam
     lr_decay_epoch: int = 10  # epoch at which the learning rate is multiplied by lr_decay
     lr_decay: float = 0.1
@@ -175,7 +182,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError on a value no run can use; returns self."""
-        positive = ("learning_rate", "epochs", "batch_size", "captions_per_image")
+        positive = ("learning_rate", "epochs", "batch_size", "captions_per_image", "first_stage_temperature")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, not {getattr(self, name)}")
@@ -241,12 +248,17 @@ class Config:
     def from_checkpoint(cls, payload: dict[str, Any]) -> Config:
         """The config saved in a checkpoint, read as the run that wrote it trained.
 
-        A matching checkpoint saved before `train.global_loss_weight` existed was trained without
-        the global loss, so a saved train section that lacks the field means 0, not today's default.
+        Fields added since keep the meaning they had then, not today's default: a matching
+        checkpoint saved before `train.global_loss_weight` existed was trained without the global
+        loss (0), one saved before `model.first_stage_dim` existed has no first-stage head (0).
         """
-        train = payload.get("train") if isinstance(payload, dict) else None
+        if not isinstance(payload, dict) or payload.get("task", "matching") != "matching":
+            return cls.from_dict(payload)
+        train, model = payload.get("train"), payload.get("model")
         if isinstance(train, dict) and train and "global_loss_weight" not in train:
             payload = {**payload, "train": {**train, "global_loss_weight": 0.0}}
+        if isinstance(model, dict) and model and "first_stage_dim" not in model:
+            payload = {**payload, "model": {**model, "first_stage_dim": 0}}
         return cls.from_dict(payload)
 
     def updated(self, model: dict[str, Any] | None = None, train: dict[str, Any] | None = None) -> Config:

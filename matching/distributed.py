@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,14 @@ def gather_embedded(emb: Embedded) -> Embedded:
     return Embedded(local, mask, _gather_padded(emb.glob, rows))
 
 
+def gather_vectors(vectors: Tensor) -> Tensor:
+    """Every rank's (b, e) vectors, concatenated in rank order; gradients flow back to each owner."""
+    sizes = torch.tensor([len(vectors)], device=vectors.device)
+    everyone = [torch.zeros_like(sizes) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, sizes)
+    return _gather_padded(vectors, [int(s) for s in everyone])
+
+
 def gather_rows(tensor: Tensor) -> Tensor:
     """All-gather (no gradient) tensors whose first dimension differs between ranks."""
     sizes = torch.tensor([tensor.shape[0]], device=tensor.device)
@@ -82,6 +91,18 @@ def gather_rows(tensor: Tensor) -> Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)])
 
 
+@dataclass
+class GlobalBatchOutput:
+    """A rank's share of the global batch's score matrices (b local rows or columns, G global)."""
+
+    rows: Tensor  # (b, G) this rank's images × every caption
+    cols: Tensor  # (G, b) every image × this rank's captions
+    global_rows: Tensor  # (b, G) the same for the global vectors' cosines cos(v̄, t̄)
+    global_cols: Tensor  # (G, b)
+    head_rows: Tensor | None = None  # (b, G) cosines of the first-stage head's vectors (None without a head)
+    head_cols: Tensor | None = None  # (G, b)
+
+
 class GlobalBatchScores(nn.Module):
     """The module DDP wraps: this rank's images against all captions, and all images against its captions."""
 
@@ -89,15 +110,22 @@ class GlobalBatchScores(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, features: Tensor, num_boxes: Tensor, tokens: Tensor,
-                lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """→ (rows (b, G): local images × global captions, cols (G, b): global images × local captions,
-        and the same two for the global vectors' cosines)."""
+    def forward(self, features: Tensor, num_boxes: Tensor, tokens: Tensor, lengths: Tensor) -> GlobalBatchOutput:
+        """This rank's rows and columns of the global batch's score matrices (see `GlobalBatchOutput`)."""
         images = self.model.encode_images(features, num_boxes)
         captions = self.model.encode_captions(tokens, lengths)
         all_images, all_captions = gather_embedded(images), gather_embedded(captions)
-        return (self.model.pair_scores(images, all_captions), self.model.pair_scores(all_images, captions),
-                self.model.global_scores(images, all_captions), self.model.global_scores(all_images, captions))
+        out = GlobalBatchOutput(self.model.pair_scores(images, all_captions),
+                                self.model.pair_scores(all_images, captions),
+                                self.model.global_scores(images, all_captions),
+                                self.model.global_scores(all_images, captions))
+        if self.model.first_stage is not None:
+            image_vectors, caption_vectors = self.model.image_vectors(images), self.model.caption_vectors(captions)
+            all_image_vectors = gather_vectors(image_vectors)
+            all_caption_vectors = gather_vectors(caption_vectors)
+            out.head_rows = image_vectors @ all_caption_vectors.t()
+            out.head_cols = all_image_vectors @ caption_vectors.t()
+        return out
 
 
 def score_matrix_ranks(model: TSHSR, images: ImageSource, captions: Sequence[Sequence[int]], launch: Launch,

@@ -20,7 +20,7 @@ from matching.encoders import Embedded
 from matching.evaluation import MetricsError, evaluate_protocol, protocol_names
 from matching.model import TSHSR
 from matching.scoring import StoreImages, encode_images, score_matrix
-from matching.shortlist import default_search_shortlist, rerank_images
+from matching.shortlist import default_search_shortlist, require_first_stage, rerank_images
 from matching.text import Vocabulary, VocabularyError, tokenize
 
 
@@ -139,8 +139,9 @@ def evaluate_checkpoint(
     every rank gets the same result.
 
     `shortlist` = K evaluates matching models by two-stage retrieval (`matching.shortlist`):
-    each caption re-ranks its K best images by global cosine, each image its cpi·K best
-    captions; the result then has no score matrix, and a `ShortlistReport` per protocol. `log`
+    each caption re-ranks its K best images by first-stage cosine, each image its cpi·K best
+    captions; the result then has no score matrix, and a `ShortlistReport` per protocol. A model
+    without a trained first stage is refused (`NoFirstStageError`). `log`
     gets a progress line with the ETA every 30 s when no progress bar is shown.
     """
     from extract.runtime import Launch, resolve_device
@@ -177,20 +178,17 @@ def evaluate_checkpoint(
         count = len(ordered)
     if shortlist is not None:
         if task == "multi-query":
-            raise MetricsError("--shortlist re-ranks a matching model's global-vector shortlist; a multi-query "
+            raise MetricsError("--shortlist re-ranks a matching model's first-stage shortlist; a multi-query "
                                "model scores every image of the gallery")
         if sims_files:
             raise MetricsError("--shortlist scores only the shortlisted pairs: it cannot be averaged with full "
                                "score matrices (--sims)")
         if Launch.from_env().world_size > 1:
             raise MetricsError("--shortlist runs in one process; start evaluate without torchrun")
-        from matching.shortlist import two_stage_metrics
+        from matching.shortlist import require_first_stage, two_stage_metrics
 
-        untrained = [str(path) for path, (_, config, _) in zip(checkpoints, loaded, strict=True)
-                     if config.train.global_loss_weight == 0]
-        if untrained and log is not None:
-            log(f"note: {', '.join(untrained)} trained without the global loss (an SGRAF import, or an older "
-                "run): its global vectors shortlist as they are; read the shortlist recall below")
+        for path, (_, config, _) in zip(checkpoints, loaded, strict=True):
+            require_first_stage(config, path)
         device_t = resolve_device(device)
         results, reports = two_stage_metrics(
             [model for model, _, _ in loaded], StoreImages(store, image_ids),
@@ -305,7 +303,7 @@ def search_images(model: TSHSR, vocab: Vocabulary, store: FeatureStore, text: st
     """The gallery's `k` best images for a text, best first (`encoded`: the gallery from an index).
 
     `shortlist` > 0: two-stage search, the full model scores only the `max(shortlist, k)` images
-    nearest to the text by global cosine (`matching.shortlist.rerank_images`); 0 scores every image.
+    nearest to the text by first-stage cosine (`matching.shortlist.rerank_images`); 0 scores every image.
     """
     tokens, _ = encode_query(vocab, text)
     gallery = image_ids if image_ids is not None else store.image_ids
@@ -424,9 +422,9 @@ def search(
     `captions` + `split` limit a text search to the images of that split (a caption file, or a
     multi-query JSONL file); `index_path` keeps the gallery encoded by the model between searches
     (`matching.index.open_index`). `shortlist`: a text search re-ranks only that many images
-    nearest by global cosine (0: every image; default: `SEARCH_SHORTLIST` for a model trained with
-    the global loss, else 0). QueryError, CaptionFormatError, ShardFormatError … for input that
-    cannot be answered.
+    nearest by first-stage cosine (0: every image; default: `SEARCH_SHORTLIST` for a model with a
+    trained first stage, else 0; asked of a model without one, `NoFirstStageError`). QueryError,
+    CaptionFormatError, ShardFormatError … for input that cannot be answered.
     """
     from extract.runtime import resolve_device
     from matching.index import open_index
@@ -469,6 +467,8 @@ def search(
                                          with_regions=with_regions, encoded=encoded)
         return SearchResult(hits, "text", " · ".join(texts), ignored, built, len(gallery))
     _, ignored = encode_query(vocab, texts[0])
+    if shortlist:
+        require_first_stage(config, checkpoint_path)
     shortlist = default_search_shortlist(config) if shortlist is None else shortlist
     shortlist = max(shortlist, k) if shortlist and max(shortlist, k) < len(gallery) else 0
     hits = search_images(model, vocab, store, texts[0], k=k, image_ids=gallery, device=target,

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from matching.config import ConfigError, ModelConfig, MultiQueryConfig
 from matching.encoders import Embedded, ImageEncoder, TextEncoder
+from matching.first_stage import FirstStageHead
 from matching.reasoning import build_reasoning
 from matching.similarity import SimilarityHead
 
@@ -15,15 +16,32 @@ class TSHSR(nn.Module):
 
     Images and captions are encoded once (`encode_images`, `encode_captions`);
     `pair_scores` scores every image against every caption of two encoded
-    blocks. `forward` does all three for a training batch.
+    blocks. `forward` does all three for a training batch. `first_stage`, when
+    given, is the shortlist's head (`matching.first_stage`): outside the paper's
+    model, it reads the encoders' outputs and gives them nothing back.
     """
 
     def __init__(self, *, image_encoder: ImageEncoder, text_encoder: TextEncoder,
-                 head: SimilarityHead) -> None:
+                 head: SimilarityHead, first_stage: FirstStageHead | None = None) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.head = head
+        self.first_stage = first_stage
+
+    def paper_parameters(self) -> list[nn.Parameter]:
+        """The paper model's parameters: everything but the first-stage head's."""
+        own = {id(p) for p in self.first_stage.parameters()} if self.first_stage is not None else set()
+        return [p for p in self.parameters() if id(p) not in own]
+
+    def image_vectors(self, images: Embedded) -> Tensor:
+        """The shortlist's vector of each encoded image, (B, e) unit length: the first-stage head's, or
+        v̄ for a model without one (trained with the global loss, or not trained for a shortlist at all)."""
+        return self.first_stage.image_vectors(images) if self.first_stage is not None else images.glob
+
+    def caption_vectors(self, captions: Embedded) -> Tensor:
+        """The shortlist's vector of each encoded caption, (B, e): the first-stage head's, or t̄."""
+        return self.first_stage.caption_vectors(captions) if self.first_stage is not None else captions.glob
 
     def encode_images(self, features: Tensor, num_boxes: Tensor) -> Embedded:
         """features (B, K, img_dim), num_boxes (B,) → Embedded (B, num_regions, d)."""
@@ -73,4 +91,5 @@ def build_model(config: ModelConfig) -> TSHSR:
                           reasoning=reasoning, reasoning_stream=config.reasoning_stream,
                           lambda_i2t=config.lambda_i2t, lambda_t2i=config.lambda_t2i,
                           attention_clip=config.attention_clip)
-    return TSHSR(image_encoder=image_encoder, text_encoder=text_encoder, head=head)
+    first_stage = FirstStageHead(config.embed_size, config.first_stage_dim) if config.first_stage_dim else None
+    return TSHSR(image_encoder=image_encoder, text_encoder=text_encoder, head=head, first_stage=first_stage)

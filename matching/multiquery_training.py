@@ -42,7 +42,7 @@ from matching.multiquery_data import (
     read_query_split,
 )
 from matching.scoring import StoreImages
-from matching.tasks import TrainingData
+from matching.tasks import COLLAPSE_STEPS, StepResult, TrainingData
 from matching.text import Vocabulary
 
 
@@ -106,7 +106,7 @@ class MultiQueryTask:
         return GlobalBatchSimilarities(model)
 
     def step(self, model: HMRN, optimizer: torch.optim.Optimizer, batch: QuerySetBatch, config: Config,
-             device: torch.device, epoch: int, ddp: nn.Module | None) -> tuple[float, float]:
+             device: torch.device, epoch: int, ddp: nn.Module | None) -> StepResult:
         """One optimizer step of HMRN's loss: (the global batch's loss, the spread of its last-round scores)."""
         batch = batch.to(device)
         amp = config.train.mixed_precision and device.type == "cuda"
@@ -133,7 +133,7 @@ class MultiQueryTask:
         value = float(total)
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss became {value}; lower --lr or disable mixed precision")
-        return value, float(spread.detach().float().std())
+        return StepResult(value, float(spread.detach().float().std()))
 
     def validate(self, model: HMRN, data: TrainingData, config: Config, device: torch.device,
                  launch: Launch) -> dict[str, float]:
@@ -157,10 +157,15 @@ class MultiQueryTask:
                      f"{row['first_r1']:.1f}), rsum {row['rsum']:.1f}")
         return line
 
-    def collapse_hint(self, spread: float, batch_size: int, config: Config) -> str:
-        return (f"warning: training has collapsed: every image scores the same against every query set "
-                f"(spread {spread:.1e}, batch of {batch_size}); lower --lr, or check that the queries "
-                "describe their images (tshsr-pipe search on a few training sets)")
+    def collapse_hint(self, spread: float, loss: float, batch_size: int, config: Config, epoch: int) -> str:
+        """Why the scores stopped spreading: HMRN's InfoNCE is 2·ln B when every image scores the same."""
+        collapsed = 2 * math.log(batch_size)
+        where = ("sits at" if abs(loss - collapsed) <= 0.02 * collapsed else "is") + f" {loss:.3f}"
+        return (f"warning: training has collapsed: every image has scored the same against every query set for "
+                f"{COLLAPSE_STEPS} steps (spread {spread:.1e}, batch of {batch_size}); the loss {where} (2·ln B = "
+                f"{collapsed:.3f} once every score is equal). Remedy: lower --lr (now "
+                f"{config.train.learning_rate:g}), or check that the queries describe their images (tshsr-pipe "
+                "search on a few training sets).")
 
 
 def _loss_weights(config: Config) -> dict[str, float]:

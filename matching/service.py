@@ -12,7 +12,7 @@ a memory budget), then answers:
 - `image_captions(image_id, k)`: image → captions, the image's own captions marked.
 
 Which images get the model's full score is the `Ranker`'s business: `ExactRanker` scores the
-whole gallery; `ShortlistRanker` only the images nearest to the queries by global cosine,
+whole gallery; `ShortlistRanker` only the images nearest to the queries by first-stage cosine,
 re-scored exactly (two-stage search); others plug in through `RANKERS` without changing the engine.
 
 Not thread-safe: a server calls one engine from one worker thread (pipelines.serve.worker).
@@ -43,7 +43,9 @@ from matching.shortlist import (
     CaptionGroups,
     default_search_shortlist,
     encode_queries,
+    first_stage_vectors,
     global_vectors,
+    require_first_stage,
     rerank_images,
 )
 from matching.text import Vocabulary
@@ -91,9 +93,9 @@ class ExactRanker:
 
 
 class ShortlistRanker:
-    """Two-stage: the `shortlist` images nearest by global cosine (to each query and to their mean),
-    re-scored by the full model (`matching.shortlist.rerank_images`). The gallery's global vectors
-    are normalised once, here."""
+    """Two-stage: the `shortlist` images nearest by first-stage cosine (to each query and to their mean),
+    re-scored by the full model (`matching.shortlist.rerank_images`). The gallery's first-stage vectors
+    are computed once, here."""
 
     name = "shortlist"
 
@@ -101,7 +103,8 @@ class ShortlistRanker:
                  shortlist: int = SEARCH_SHORTLIST) -> None:
         self.model, self.encoded, self.device, self.batch_size = model, encoded, device, batch_size
         self.shortlist = shortlist
-        self.vectors = global_vectors(encoded)
+        with torch.inference_mode():
+            self.vectors = global_vectors(first_stage_vectors(model.eval(), encoded, "images"))
 
     def candidates(self, queries: Sequence[Sequence[int]], k: int) -> Candidates:
         encoded = encode_queries(self.model, queries, self.device, self.batch_size)
@@ -111,7 +114,7 @@ class ShortlistRanker:
 
 
 # name → factory(model, encoded gallery, device): how `SearchEngine.open(ranker=…)` builds one;
-# "auto" (the default) is "shortlist" for a model trained with the global loss, else "exact".
+# "auto" (the default) is "shortlist" for a model with a trained first stage, else "exact".
 RANKERS: dict[str, Callable[[TSHSR, Embedded, torch.device], Ranker]] = {"exact": ExactRanker,
                                                                           "shortlist": ShortlistRanker}
 RANKER_CHOICES = ("auto", *RANKERS)
@@ -206,8 +209,8 @@ class SearchEngine:
         `captions` (+ `split`) limit the gallery to the split's images, as in `search`, and are
         the caption gallery of `image_captions`. `index_path` loads (or builds) the encoded
         gallery from a search index; without it the gallery is encoded in memory. `ranker`: a
-        name in `RANKERS`, or "auto": "shortlist" for a model trained with the global loss
-        (`train.global_loss_weight` > 0) and a gallery larger than `shortlist`, else "exact".
+        name in `RANKERS`, or "auto": "shortlist" for a model with a trained first stage
+        (`matching.shortlist.has_first_stage`) and a gallery larger than `shortlist`, else "exact".
         QueryError, CheckpointError, ShardFormatError, SearchIndexError … for input that cannot serve.
         """
         from extract.runtime import resolve_device
@@ -239,6 +242,8 @@ class SearchEngine:
                 encoded = encode_images(model, StoreImages(store, gallery), target, batch_size)
         if config.task == "multi-query":
             ranker = "exact"  # HMRN scores every image; its rounds are its own
+        elif ranker == "shortlist":
+            require_first_stage(config, checkpoint_path)
         elif ranker == "auto":
             ranker = "shortlist" if default_search_shortlist(config) and shortlist < len(gallery) else "exact"
         engine = cls(model, vocab, store, gallery, encoded=encoded, captions=selected, device=target,

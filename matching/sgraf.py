@@ -89,7 +89,7 @@ def sgraf_config(opt: argparse.Namespace, parts: list[dict[str, torch.Tensor]], 
         bidirectional=bool(getattr(opt, "bi_gru", True)),
         normalize_images=not bool(getattr(opt, "no_imgnorm", False)),
         normalize_text=not bool(getattr(opt, "no_txtnorm", False)),
-        reasoning_steps=steps)
+        reasoning_steps=steps, first_stage_dim=0)  # SGRAF has no shortlist head
 
 
 def convert_state(parts: list[dict[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:
@@ -128,7 +128,7 @@ def import_sgraf(path: str | os.PathLike, vocab_path: str | os.PathLike,
     config.train.batch_size = int(getattr(opt, "batch_size", config.train.batch_size))
     config.train.grad_clip = float(getattr(opt, "grad_clip", config.train.grad_clip))
     # SGRAF trained its global vectors only through the global node, never for retrieval on their
-    # own: a shortlist uses them as they are, and fine-tuning keeps SGRAF's loss unless asked.
+    # own, and has no first-stage head: it has no trained shortlist (evaluate and search score every pair).
     config.train.global_loss_weight = 0.0
     model = build_model(model_config)
     state = convert_state(parts, source)

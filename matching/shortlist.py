@@ -1,7 +1,9 @@
 """Two-stage retrieval for large galleries: a global-embedding shortlist, then exact re-scoring.
 
-Stage one ranks by the cosine of the global vectors v̄ and t̄ (`Embedded.glob`)
-with faiss: an exact inner-product index on l2-normalised float32 vectors by
+Stage one ranks by the cosine of one vector per image and per caption, the first
+stage's (`first_stage_vectors`: the model's first-stage head, `matching.first_stage`,
+or for an older model trained with the global loss its v̄ and t̄), with faiss: an
+exact inner-product index on l2-normalised float32 vectors by
 default (`IndexFlatIP`), an inverted-file (`ivf`) or HNSW graph (`hnsw`) index
 as options for very large galleries. It costs d multiply-adds a pair where the
 full model costs tens of millions.
@@ -36,9 +38,36 @@ from matching.scoring import (
 )
 
 
-def global_vectors(embedded: Embedded | torch.Tensor) -> np.ndarray:
-    """The l2-normalised global vectors as contiguous float32 (n, d): inner product = cosine."""
-    vectors = embedded.glob if isinstance(embedded, Embedded) else embedded
+class NoFirstStageError(ValueError):
+    """A model whose shortlist vectors were never trained: two-stage retrieval would miss at random."""
+
+
+def has_first_stage(config: Any) -> bool:
+    """True for a matching model whose shortlist vectors were trained: it has a first-stage head
+    (`model.first_stage_dim` > 0), or (models trained before the head) the global loss trained v̄, t̄."""
+    return getattr(config.model, "first_stage_dim", 0) > 0 or getattr(config.train, "global_loss_weight", 0) > 0
+
+
+def require_first_stage(config: Any, source: object) -> None:
+    """NoFirstStageError naming `source` when its model has no trained first stage."""
+    if not has_first_stage(config):
+        raise NoFirstStageError(
+            f"{source}: this model has no trained first stage (no first-stage head, trained without the global "
+            "loss, or imported from SGRAF), so a global-vector shortlist would drop the right answers at random; "
+            "score every pair (leave out --shortlist, or --shortlist 0), or train with the default "
+            "model.first_stage_dim")
+
+
+def first_stage_vectors(model: TSHSR, encoded: Embedded, side: str, batch_size: int = 1024) -> torch.Tensor:
+    """The shortlist's vectors of encoded images (`side` "images") or captions ("captions"), in blocks:
+    (n, e), as `TSHSR.image_vectors` / `caption_vectors` give them. Call under inference mode."""
+    vectors = model.image_vectors if side == "images" else model.caption_vectors
+    return torch.cat([vectors(encoded.select(slice(start, start + batch_size)))
+                      for start in range(0, len(encoded), batch_size)])
+
+
+def global_vectors(vectors: torch.Tensor) -> np.ndarray:
+    """Vectors as contiguous float32 (n, e), l2-normalised: inner product = cosine."""
     array = np.ascontiguousarray(vectors.detach().float().cpu().numpy(), dtype=np.float32)
     norms = np.linalg.norm(array, axis=1, keepdims=True)
     return array / np.maximum(norms, 1e-12)
@@ -121,7 +150,7 @@ class Shortlist:
 
 def shortlist(image_vectors: np.ndarray, caption_vectors: np.ndarray, k_images: int, k_captions: int,
               kind: str = "flat", **index_options: Any) -> Shortlist:
-    """Stage one: each caption's `k_images` and each image's `k_captions` nearest by global cosine."""
+    """Stage one: each caption's `k_images` and each image's `k_captions` nearest by first-stage cosine."""
     images = GlobalIndex.build(image_vectors, kind, **index_options)
     captions = GlobalIndex.build(caption_vectors, kind, **index_options)
     return Shortlist(images.search(caption_vectors, k_images)[1], captions.search(image_vectors, k_captions)[1])
@@ -129,13 +158,13 @@ def shortlist(image_vectors: np.ndarray, caption_vectors: np.ndarray, k_images: 
 
 @dataclass
 class CaptionGroups:
-    """Captions encoded once: grouped by exact length for the head, global vectors in caption order."""
+    """Captions encoded once: grouped by exact length for the head, first-stage vectors in caption order."""
 
     groups: list[tuple[torch.Tensor, Embedded]]  # [(caption indices, Embedded (n_L, L, d))]
-    glob: torch.Tensor  # (n, d)
+    vectors: torch.Tensor  # (n, e) the shortlist's vector of each caption (`first_stage_vectors`)
 
     def __len__(self) -> int:
-        return len(self.glob)
+        return len(self.vectors)
 
     def caption(self, number: int) -> Embedded:
         """Caption `number` as the encoder gave it: (1, L, d), L its own length."""
@@ -153,11 +182,12 @@ class CaptionGroups:
             blocks = [(torch.arange(len(captions)), captions.to(device))]
         else:
             blocks = encode_captions(model, captions, device, batch_size)
-        glob = torch.empty((sum(len(index) for index, _ in blocks), blocks[0][1].glob.shape[1]),
-                           dtype=blocks[0][1].glob.dtype, device=device)
-        for index, emb in blocks:
-            glob[index.to(device)] = emb.glob
-        return cls(length_groups(blocks), glob)
+        parts = [(index, first_stage_vectors(model, emb, "captions")) for index, emb in blocks]
+        vectors = torch.empty((sum(len(index) for index, _ in parts), parts[0][1].shape[1]),
+                              dtype=parts[0][1].dtype, device=device)
+        for index, part in parts:
+            vectors[index.to(device)] = part
+        return cls(length_groups(blocks), vectors)
 
 
 def score_candidates(
@@ -228,9 +258,9 @@ def score_candidates(
 
 
 def default_search_shortlist(config: Any) -> int:
-    """Images a search re-ranks by default: `SEARCH_SHORTLIST` for a model whose global vectors were
-    trained for retrieval (`train.global_loss_weight` > 0), 0 (score every image) otherwise."""
-    return SEARCH_SHORTLIST if getattr(config.train, "global_loss_weight", 0) > 0 else 0
+    """Images a search re-ranks by default: `SEARCH_SHORTLIST` for a model with a trained first stage
+    (`has_first_stage`), 0 (score every image) otherwise."""
+    return SEARCH_SHORTLIST if has_first_stage(config) else 0
 
 
 def encode_queries(model: TSHSR, queries: Sequence[Sequence[int]], device: str | torch.device = "cpu",
@@ -250,21 +280,25 @@ def rerank_images(model: TSHSR, images: Embedded, queries: Sequence[Sequence[int
                   batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Two-stage search of an encoded gallery for a few text queries.
 
-    Stage one takes each query's `k` nearest images by global cosine, and the `k` nearest by
+    Stage one takes each query's `k` nearest images by first-stage cosine, and the `k` nearest by
     the queries' mean cosine; stage two scores every query against that union with the full
     model. Returns (gallery positions (c,), scores (c, q) float32); the positions are sorted.
 
     Args:
         images: the gallery as this model encodes it (e.g. from a search index).
         queries: token-id lists, or the queries already encoded by this model.
-        image_vectors: `global_vectors(images)`, when the caller keeps them between searches.
+        image_vectors: the gallery's first-stage vectors (`global_vectors(first_stage_vectors(model, images,
+            "images"))`), when the caller keeps them between searches.
     """
     if not len(queries):
         raise ValueError("rerank_images needs at least one query")
     device = torch.device(device)
     captions = queries if isinstance(queries, CaptionGroups) else encode_queries(model, queries, device, batch_size)
-    vectors = global_vectors(images) if image_vectors is None else image_vectors
-    cosines = vectors @ global_vectors(captions.glob).T  # (n, q)
+    if image_vectors is None:
+        with torch.inference_mode():
+            image_vectors = global_vectors(first_stage_vectors(model.eval(), images.to(device), "images"))
+    vectors = image_vectors
+    cosines = vectors @ global_vectors(captions.vectors).T  # (n, q)
     k = min(k, len(vectors))
     columns = np.concatenate([cosines, cosines.mean(1, keepdims=True)], axis=1)
     nearest = np.argpartition(-columns, k - 1, axis=0)[:k] if k < len(vectors) else np.arange(len(vectors))[:, None]
@@ -315,8 +349,8 @@ def two_stage_metrics(
 ) -> tuple[dict[str, dict[str, Any]], dict[str, ShortlistReport]]:
     """Retrieval metrics by two-stage retrieval, in every gallery of a protocol (each 1K fold is its own).
 
-    Each caption re-ranks its `k` best images by global cosine with the full model, each image its
-    `captions_per_image · k` best captions; everything outside a shortlist ranks after it, by
+    Each caption re-ranks its `k` best images by first-stage cosine with the full model, each image
+    its `captions_per_image · k` best captions; everything outside a shortlist ranks after it, by
     cosine. An ensemble shortlists by the mean of its models' cosines and re-ranks by the mean of
     their scores. Candidate pairs of all galleries are scored once.
 
@@ -336,13 +370,15 @@ def two_stage_metrics(
     encoded: list[tuple[Embedded, CaptionGroups]] = []
     states = [model.training for model in models]
     try:
+        vectors = []
         for model in models:
             model.eval().to(device)
             with torch.inference_mode():
-                encoded.append((encode_images(model, images, device, batch_size),
-                                CaptionGroups.encode(model, tokens[len(encoded)], device, batch_size)))
-        image_vectors = joint_vectors([global_vectors(image_emb) for image_emb, _ in encoded])
-        caption_vectors = joint_vectors([global_vectors(groups.glob) for _, groups in encoded])
+                image_emb = encode_images(model, images, device, batch_size)
+                encoded.append((image_emb, CaptionGroups.encode(model, tokens[len(encoded)], device, batch_size)))
+                vectors.append(global_vectors(first_stage_vectors(model, image_emb, "images")))
+        image_vectors = joint_vectors(vectors)
+        caption_vectors = joint_vectors([global_vectors(groups.vectors) for _, groups in encoded])
         n_captions = len(caption_vectors)
         # Stage one in every gallery; its shortlists in global image and caption numbers.
         lists: dict[str, list[tuple[slice, slice, Shortlist]]] = {}

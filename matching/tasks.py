@@ -10,7 +10,7 @@ network, cut an epoch into batches, take one optimizer step and validate; the lo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +22,18 @@ from extract.runtime import Launch
 from extract.shards import FeatureStore
 from matching.config import Config
 from matching.text import Vocabulary
+
+COLLAPSE_SPREAD = 1e-4  # score std below this across a batch means every pair scores the same
+COLLAPSE_STEPS = 20  # consecutive collapsed steps before the warning
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports to the loop."""
+
+    loss: float  # the task's loss of the global batch (what the log and the progress bar show)
+    spread: float  # the std of the batch's scores, for collapse detection
+    parts: dict[str, float] = field(default_factory=dict)  # other losses trained in the step (per-epoch means logged)
 
 
 @dataclass
@@ -37,7 +49,8 @@ class TrainingTask(Protocol):
     """The task-specific parts of training (see the module docstring)."""
 
     name: str  # a value of matching.config.TASKS
-    metric_fields: tuple[str, ...]  # the validation columns of metrics.csv; "rsum" selects the best epoch
+    # metrics.csv's task columns: the step's `parts` and the validation metrics ("rsum" selects the best epoch)
+    metric_fields: tuple[str, ...]
 
     def load_data(self, config: Config, features: Path, data_file: Path, vocab: Vocabulary, train_split: str,
                   val_split: str | None, log: Callable[[str], None]) -> tuple[Config, TrainingData]:
@@ -57,8 +70,8 @@ class TrainingTask(Protocol):
         ...
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, config: Config,
-             device: torch.device, epoch: int, ddp: nn.Module | None) -> tuple[float, float]:
-        """One optimizer step: (the global batch's loss, the spread of the scores, for collapse detection)."""
+             device: torch.device, epoch: int, ddp: nn.Module | None) -> StepResult:
+        """One optimizer step: the global batch's loss, the spread of the scores, any other losses."""
         ...
 
     def validate(self, model: nn.Module, data: TrainingData, config: Config, device: torch.device,
@@ -70,6 +83,7 @@ class TrainingTask(Protocol):
         """The epoch line's task part (the loss used, the validation metrics), from a metrics row."""
         ...
 
-    def collapse_hint(self, spread: float, batch_size: int, config: Config) -> str:
-        """What the log says when every pair has scored the same for a while."""
+    def collapse_hint(self, spread: float, loss: float, batch_size: int, config: Config, epoch: int) -> str:
+        """What the log says when every pair has scored the same for `COLLAPSE_STEPS` steps: the reason and the
+        remedy that fit this run's loss and settings (`epoch`: the current one, 0-based)."""
         ...

@@ -46,15 +46,13 @@ from matching.config import RESUMABLE, Config, apply_settings, settings_differen
 from matching.data import Batch, EpochBatchSampler, PairDataset, build_pairs, collate_pairs
 from matching.distributed import GlobalBatchScores, agree, gather_rows, rng_states, score_matrix_ranks, setup, teardown
 from matching.evaluation import recall_metrics
+from matching.first_stage import first_stage_loss, info_nce_rows
 from matching.loss import hardest_negative_loss, hinge_rows
 from matching.model import TSHSR, build_model
 from matching.rundir import RECALL_FIELDS, RunDirectory, RunError
 from matching.scoring import StoreImages
-from matching.tasks import TrainingData, TrainingTask
+from matching.tasks import COLLAPSE_SPREAD, COLLAPSE_STEPS, StepResult, TrainingData, TrainingTask
 from matching.text import Vocabulary
-
-COLLAPSE_SPREAD = 1e-4  # score std below this across a batch means every pair scores the same
-COLLAPSE_STEPS = 20  # consecutive collapsed steps before the warning
 
 __all__ = ["RunError", "TrainResult", "learning_rate", "train", "train_step"]
 
@@ -109,14 +107,17 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, config: Config,
-               device: torch.device, hardest: bool, *, ddp: torch.nn.Module | None = None) -> tuple[float, float]:
-    """One optimizer step on a batch: (loss of the global batch, std of the scores computed here).
+               device: torch.device, hardest: bool, *, ddp: torch.nn.Module | None = None) -> StepResult:
+    """One optimizer step on a batch: the paper's loss of the global batch, the spread of the scores
+    computed here and, for a model with a first-stage head, that head's own loss.
 
     With `ddp` (a DistributedDataParallel(GlobalBatchScores)), this rank holds a slice
     of the global batch: it scores its images against every caption and every image
     against its captions, so the hardest negatives are sought in the whole global batch;
     the per-rank losses sum to the single-process loss of that batch. With
     `train.global_loss_weight` > 0 the same hinge on the global vectors' cosines is added.
+    The first-stage head (`matching.first_stage`) learns from detached inputs, under its own
+    loss and its own gradient clipping: the paper model's step is the same with or without it.
     """
     features = batch.features.to(device, non_blocking=True)
     num_boxes = batch.num_boxes.to(device, non_blocking=True)
@@ -124,6 +125,8 @@ def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, con
     image_index = batch.image_index.to(device)
     amp = config.train.mixed_precision and device.type == "cuda"
     margin, weight = config.train.margin, config.train.global_loss_weight
+    temperature = config.train.first_stage_temperature
+    head_loss = None
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
         if ddp is None:
@@ -131,12 +134,16 @@ def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, con
             scores = model.pair_scores(images, captions)  # (B, B)
             same_image = image_index[:, None] == image_index[None, :]
             loss = hardest_negative_loss(scores.float(), margin, hardest=hardest, same_image=same_image)
-            if weight:  # the first stage of two-stage retrieval: cos(v̄, t̄) under the same hinge
+            if weight:  # cos(v̄, t̄) under the same hinge, on the paper model's own global vectors
                 cosines = model.global_scores(images, captions)
                 loss = loss + weight * hardest_negative_loss(cosines, margin, hardest=hardest, same_image=same_image)
             total = loss.detach()
+            if model.first_stage is not None:
+                head_loss = first_stage_loss(model.image_vectors(images), model.caption_vectors(captions),
+                                             temperature, same_image)
+                head_total = head_loss.detach()
         else:
-            rows, cols, global_rows, global_cols = ddp(features, num_boxes, tokens, lengths)  # (b, G), (G, b) ×2
+            out = ddp(features, num_boxes, tokens, lengths)
             everyone = gather_rows(image_index)  # (G,) the global batch's image of each caption
             offset = int(gather_rows(image_index.new_tensor([len(image_index)]))[: dist.get_rank()].sum())
             positive = offset + torch.arange(len(image_index), device=device)
@@ -147,29 +154,39 @@ def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, con
                         + hinge_rows(by_caption.float().t(), positive, margin, hardest=hardest,
                                      not_negative=same_image))
 
-            loss = hinge(rows, cols)
+            loss = hinge(out.rows, out.cols)
             if weight:
-                loss = loss + weight * hinge(global_rows, global_cols)
+                loss = loss + weight * hinge(out.global_rows, out.global_cols)
             total = loss.detach().clone()
             dist.all_reduce(total)
             # DDP averages gradients over ranks; the global loss is the sum of the ranks' losses.
             loss = loss * dist.get_world_size()
-            scores = rows
-    loss.backward()
+            scores = out.rows
+            if out.head_rows is not None:
+                head_loss = (info_nce_rows(out.head_rows.float() / temperature, positive, same_image)
+                             + info_nce_rows(out.head_cols.float().t() / temperature, positive, same_image))
+                head_total = head_loss.detach().clone()
+                dist.all_reduce(head_total)
+                head_loss = head_loss * dist.get_world_size()
+    (loss if head_loss is None else loss + head_loss).backward()
     if config.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        # Each part's gradient norm on its own: the head's never scales the paper model's step.
+        torch.nn.utils.clip_grad_norm_(model.paper_parameters(), config.train.grad_clip)
+        if model.first_stage is not None:
+            torch.nn.utils.clip_grad_norm_(model.first_stage.parameters(), config.train.grad_clip)
     optimizer.step()
     value = float(total)
     if not math.isfinite(value):
         raise FloatingPointError(f"the loss became {value}; lower --lr or disable mixed precision")
-    return value, float(scores.detach().float().std())
+    parts = {"first_stage_loss": float(head_total)} if head_loss is not None else {}
+    return StepResult(value, float(scores.detach().float().std()), parts)
 
 
 class MatchingTask:
     """One caption ↔ one image (TSHSR, HSR, SGR): caption/image pairs, the hinge loss, recall and rsum."""
 
     name = "matching"
-    metric_fields = (*RECALL_FIELDS, "rsum")
+    metric_fields = ("first_stage_loss", *RECALL_FIELDS, "rsum")
 
     def load_data(self, config: Config, features: Path, data_file: Path, vocab: Vocabulary, train_split: str,
                   val_split: str | None, log: Callable[[str], None]) -> tuple[Config, TrainingData]:
@@ -212,7 +229,7 @@ class MatchingTask:
         return GlobalBatchScores(model)
 
     def step(self, model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, config: Config,
-             device: torch.device, epoch: int, ddp: torch.nn.Module | None) -> tuple[float, float]:
+             device: torch.device, epoch: int, ddp: torch.nn.Module | None) -> StepResult:
         return train_step(model, optimizer, batch, config, device, _hardest(config, epoch), ddp=ddp)
 
     def validate(self, model: TSHSR, data: TrainingData, config: Config, device: torch.device,
@@ -222,17 +239,48 @@ class MatchingTask:
     def summary(self, row: dict[str, Any], config: Config) -> str:
         negatives = "hardest" if _hardest(config, int(row["epoch"]) - 1) else "all"
         line = f"{negatives} negatives"
+        if "first_stage_loss" in row:
+            line += f", first stage {row['first_stage_loss']:.3f}"
         if "rsum" in row:
             line += (f" | val i2t R@1 {row['i2t_r1']:.1f} R@5 {row['i2t_r5']:.1f} R@10 {row['i2t_r10']:.1f}, "
                      f"t2i R@1 {row['t2i_r1']:.1f} R@5 {row['t2i_r5']:.1f} R@10 {row['t2i_r10']:.1f}, "
                      f"rsum {row['rsum']:.1f}")
         return line
 
-    def collapse_hint(self, spread: float, batch_size: int, config: Config) -> str:
-        return (f"warning: training has collapsed: every pair gets the same score (spread {spread:.1e}) "
-                f"and the loss is stuck at 2·B·margin = {2 * batch_size * config.train.margin:.1f}. "
-                "Remedy: train the first epochs on the sum over all negatives (--warmup-epochs 2 or "
-                "more, until validation recall has climbed); on small datasets also raise --lr (e.g. 3e-3).")
+    def collapse_hint(self, spread: float, loss: float, batch_size: int, config: Config, epoch: int) -> str:
+        """Why the scores stopped spreading and what to change, from this run's loss and settings."""
+        train = config.train
+        hardest = _hardest(config, epoch)
+        margin, weight = train.margin, train.global_loss_weight
+        # Every score equal: each query's hinge is the margin, once (hardest) or for each of its B−1 negatives.
+        terms = 2 * batch_size * (1 if hardest else batch_size - 1)
+        collapsed = terms * margin
+        formula = "2·B·margin" if hardest else "2·B·(B−1)·margin"
+        phase = "hardest negatives" if hardest else f"warm-up epoch {epoch + 1}: the hinge summed over all negatives"
+        line = (f"warning: training has collapsed: every pair has scored the same for {COLLAPSE_STEPS} steps "
+                f"(score spread {spread:.1e}, batch of {batch_size}, {phase}). ")
+        if weight:
+            line += (f"The loss, {loss:.1f}, is the paper's hinge at its collapsed value {formula} = {collapsed:.1f} "
+                     f"plus {weight:g} × the global loss on cos(v̄, t̄). ")
+        elif abs(loss - collapsed) <= 0.02 * collapsed:
+            line += f"The loss sits at its collapsed value {formula} = {collapsed:.1f}. "
+        else:
+            line += f"The loss is {loss:.1f} ({formula} = {collapsed:.1f} once every score is equal). "
+        remedies = []
+        if weight:
+            remedies.append(f"the global loss (--global-loss-weight {weight:g}) shares the encoders with the model "
+                            "and can drown its gradient: set it to 0 (the first-stage head trains the shortlist "
+                            "without touching the model)")
+        if hardest and train.warmup_epochs == 0:
+            remedies.append("hardest negatives from the first step collapse easily on small data: sum the hinge over "
+                            "all negatives first (--warmup-epochs 2 or more, until validation recall has climbed)")
+        elif hardest:
+            remedies.append(f"the switch to hardest negatives after {train.warmup_epochs} warm-up epoch(s) came before "
+                            f"the model had learned enough: --warmup-epochs {train.warmup_epochs + 2} or more")
+        else:
+            remedies.append(f"it collapsed while summing all negatives, so more warm-up will not help: lower --lr "
+                            f"(now {train.learning_rate:g}) or check that the captions describe their images")
+        return line + "Remedy: " + "; ".join(remedies) + "."
 
 
 def _hardest(config: Config, epoch: int) -> bool:
@@ -366,6 +414,7 @@ class _Session:
         self.epoch = self.batch_in_epoch = self.global_step = 0
         self.best_rsum, self.best_epoch = -1.0, -1
         self.epoch_loss, self.epoch_steps = 0.0, 0
+        self.epoch_parts: dict[str, float] = {}  # sums over the epoch's steps of the losses besides the main one
         seed_everything(config.train.seed)
         self.model = task.build_model(config).to(device)
         self.ddp = None
@@ -429,6 +478,7 @@ class _Session:
         self.global_step, self.best_rsum = progress["global_step"], progress["best_rsum"]
         self.best_epoch = progress["best_epoch"]
         self.epoch_loss, self.epoch_steps = progress["epoch_loss"], progress["epoch_steps"]
+        self.epoch_parts = dict(progress.get("epoch_parts", {}))
         saved = state["rng"]["ranks"]
         if len(saved) != self.launch.world_size:
             self.log(f"note: the run was saved by {len(saved)} processes and resumes on {self.launch.world_size}: "
@@ -450,7 +500,8 @@ class _Session:
                             progress={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                                       "global_step": self.global_step, "best_rsum": self.best_rsum,
                                       "best_epoch": self.best_epoch, "epoch_loss": self.epoch_loss,
-                                      "epoch_steps": self.epoch_steps, "world_size": self.launch.world_size})
+                                      "epoch_steps": self.epoch_steps, "epoch_parts": dict(self.epoch_parts),
+                                      "world_size": self.launch.world_size})
 
     # ------------------------------------------------------------------ the loop
 
@@ -484,11 +535,14 @@ class _Session:
                     bar = progress_bar(len(sampler), f"epoch {self.epoch + 1}/{config.train.epochs}", "step",
                                        enabled=bars)
                     for batch in loader:
-                        loss, spread = self.task.step(self.model, self.optimizer, batch, config, self.device,
-                                                      self.epoch, self.ddp)
+                        outcome = self.task.step(self.model, self.optimizer, batch, config, self.device,
+                                                 self.epoch, self.ddp)
+                        loss, spread = outcome.loss, outcome.spread
                         self.global_step += 1
                         self.batch_in_epoch += 1
                         self.epoch_loss += loss
+                        for name, value in outcome.parts.items():
+                            self.epoch_parts[name] = self.epoch_parts.get(name, 0.0) + value
                         self.epoch_steps += 1
                         result.losses.append(loss)
                         pairs = len(batch.num_boxes) * launch.world_size
@@ -496,7 +550,7 @@ class _Session:
                         writer.add_scalar("train/loss", loss, self.global_step)
                         collapsed = collapsed + 1 if spread < COLLAPSE_SPREAD else 0
                         if collapsed == COLLAPSE_STEPS:
-                            self.log(self.task.collapse_hint(spread, pairs, config))
+                            self.log(self.task.collapse_hint(spread, loss, pairs, config, self.epoch))
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{clock.pairs_per_second():.0f}")
                         every = config.train.log_every
@@ -526,10 +580,11 @@ class _Session:
         """Validate, keep the best model, record the epoch's row, checkpoint."""
         row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.global_step, "lr": lr,
                                "train_loss": self.epoch_loss / max(self.epoch_steps, 1)}
+        row.update({name: total / max(self.epoch_steps, 1) for name, total in self.epoch_parts.items()})
         improved = self.data.validation is None
         if self.data.validation is not None:
             metrics = self.task.validate(self.model, self.data, self.config, self.device, self.launch)
-            row.update({k: metrics[k] for k in self.task.metric_fields})
+            row.update({k: metrics[k] for k in self.task.metric_fields if k in metrics})
             improved = metrics["rsum"] > self.best_rsum
             for key, value in metrics.items():
                 writer.add_scalar(f"val/{key}", value, self.global_step)
@@ -547,6 +602,7 @@ class _Session:
         best = " (best)" if improved and self.data.validation is not None else ""
         self.log(f"{line}{best} [{row['seconds']:.0f}s]")
         self.epoch, self.batch_in_epoch, self.epoch_loss, self.epoch_steps = self.epoch + 1, 0, 0.0, 0
+        self.epoch_parts = {}
         self.save_last()
 
     def _finish(self, result: TrainResult) -> TrainResult:

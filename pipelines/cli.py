@@ -40,8 +40,8 @@ def device_option(command):  # noqa: ANN001, ANN201 - a click decorator
 def shortlist_option(command):  # noqa: ANN001, ANN201 - a click decorator (search and serve)
     return click.option("--shortlist", type=click.IntRange(min=0), metavar="K",
                         help="Two-stage search: the full model re-ranks only the K images nearest to the "
-                             "query by global-vector cosine; 0 scores every image [default: "
-                             f"{SEARCH_SHORTLIST} for a model trained with the global loss, else 0].")(command)
+                             "query by first-stage cosine; 0 scores every image [default: "
+                             f"{SEARCH_SHORTLIST} for a model with a trained first stage, else 0].")(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -84,7 +84,7 @@ def cli() -> None:
 @click.option("--memory-budget", type=click.FloatRange(min=0.01),
               help="GiB of working memory for scoring blocks [default: half the free GPU memory, 2 GiB on CPU].")
 @click.option("--shortlist", type=click.IntRange(min=1), metavar="K",
-              help="Two-stage retrieval: each caption re-ranks only its K best images by global-vector cosine "
+              help="Two-stage retrieval: each caption re-ranks only its K best images by first-stage cosine "
                    "with the full model, each image its captions-per-image × K best captions (a fraction of "
                    "the pairs; prints how often the ground truth was in the shortlist).")
 @click.option("--shortlist-index", type=click.Choice(INDEX_KINDS), default=INDEX_KINDS[0], show_default=True,
@@ -298,8 +298,10 @@ def import_drilldown(region_dir: Path, out: Path, queries: Path | None, max_boxe
               help="Epochs summing the hinge over all negatives before the hardest-negative loss; "
                    f"1 or more keeps small datasets from collapsing [default: {TRAIN.warmup_epochs}].")
 @click.option("--global-loss-weight", type=click.FloatRange(min=0),
-              help="Weight of the hinge on the global vectors' cosines, which trains the first stage of "
-                   f"`evaluate --shortlist` (0 = the paper's loss alone) [default: {TRAIN.global_loss_weight:g}].")
+              help="Add the same hinge on the model's own global vectors' cosines cos(v̄, t̄) at this weight "
+                   "(0 = the paper's loss alone; above 0 it shares the encoders and can cost the paper's model "
+                   "recall; the shortlist has its own head, model.first_stage_dim) "
+                   f"[default: {TRAIN.global_loss_weight:g}].")
 @click.option("--length-buckets", is_flag=True, default=None,
               help="Batches of captions of similar length (less padding; the paper shuffles uniformly).")
 @click.option("--seed", type=int, help=f"[default: {TRAIN.seed}]")
@@ -326,9 +328,10 @@ def train(task: str | None, features: Path, captions: Path, vocab_path: Path, na
           train_split: str, val_split: str, max_steps: int | None) -> None:
     """Train a matching model: FEATURES + CAPTIONS + VOCAB → RUNS/NAME.
 
-    The paper's recipe is the default (Adam 2e-4, batch 128, gradient clipping 2,
-    hardest negatives, margin 0.2), plus the same hinge on the global vectors
-    (--global-loss-weight) so that `evaluate --shortlist` finds the match. The run directory gets config.yaml,
+    The paper's recipe and loss are the default (Adam 2e-4, batch 128, gradient clipping 2,
+    hardest negatives, margin 0.2). Beside the model, a small first-stage head learns the
+    shortlist's vectors for `evaluate/search/serve --shortlist` from detached inputs, under its own
+    loss: it changes nothing the paper's model learns. The run directory gets config.yaml,
     checkpoint_last.pt (resume point, also written every 500 steps and on
     Ctrl-C), model_best.pt (best validation rsum), metrics.csv, train.log and
     TensorBoard events. Stopped by Ctrl-C or SIGTERM, it saves and exits 130 or 143.
@@ -408,7 +411,7 @@ def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_
         click.echo(f"index of {found.gallery_size} images written to {index_path}")
     if found.shortlist:
         click.echo(f"two-stage: the model re-ranked the {found.shortlist} of {found.gallery_size:,} images nearest "
-                   "by global cosine (--shortlist 0 scores every image)")
+                   "by first-stage cosine (--shortlist 0 scores every image)")
     if found.ignored_words:
         click.echo("note: not in the model's vocabulary, ignored: " + ", ".join(repr(w) for w in found.ignored_words))
     for hit in found.hits:

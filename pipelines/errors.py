@@ -42,11 +42,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from matching.index import SearchIndexError
     from matching.inference import QueryError
     from matching.rundir import RunError
+    from matching.shortlist import NoFirstStageError
     from matching.text import VocabularyError
 
     return (ExtractError, DeviceError, StorageError, LockedError, ShardFormatError, CaptionFormatError,
             CheckpointError, ConfigError, VocabularyError, RunError, MetricsError, QueryError, SearchIndexError,
-            PipelineError, FileNotFoundError, IsADirectoryError, PermissionError)
+            NoFirstStageError, PipelineError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 def user_errors(command: F) -> F:

@@ -8,6 +8,11 @@ square"). Two renderings of the same scenes:
   (one region per object from colour and shape prototypes, plus clutter), as
   shards and a captions file, ready for `vocab` and `train`.
 - `render_scene`: real pixels (PIL) for the full path through the detector.
+
+`make_binding_scenes` makes a harder world for checking that training learns what the paper's
+model learns: scenes come in groups that share their colour words and their shape words but
+bind them differently, so no bag of words can tell a group's scenes apart
+(`bag_of_words_ceiling` computes how far a perfect bag-of-words ranker gets).
 """
 
 from __future__ import annotations
@@ -52,16 +57,23 @@ class Scene:
     image_id: str
     objects: list[SceneObject]
     split: str
+    named: int | None = None  # captions name the first `named` objects (the rest are only seen); None: all
 
-    def captions(self, rng: np.random.Generator, count: int = 5) -> list[str]:
-        """`count` different-looking captions that all name every object."""
+    @property
+    def described(self) -> list[SceneObject]:
+        """The objects every caption names."""
+        return self.objects[: self.named] if self.named is not None else self.objects
+
+    def captions(self, rng: np.random.Generator, count: int = 5, place_rate: float = 0.3) -> list[str]:
+        """`count` different-looking captions that all name every described object (its place with `place_rate`)."""
         texts = []
+        described = self.described
         for _ in range(count):
-            objects = [self.objects[i] for i in rng.permutation(len(self.objects))]
+            objects = [described[i] for i in rng.permutation(len(described))]
             if len(objects) == 1:
                 text = TEMPLATES_ONE[rng.integers(len(TEMPLATES_ONE))].format(objects[0].named)
             else:
-                named = [o.named + (f" on the {o.place}" if rng.random() < 0.3 else "") for o in objects]
+                named = [o.named + (f" on the {o.place}" if rng.random() < place_rate else "") for o in objects]
                 first = ", ".join(named[:-1])
                 text = TEMPLATES_MANY[rng.integers(len(TEMPLATES_MANY))].format(first, named[-1])
             texts.append(text[0].upper() + text[1:] + ".")
@@ -88,20 +100,93 @@ def make_scenes(n_images: int, seed: int = 0, max_objects: int = 3) -> list[Scen
     return scenes
 
 
-def write_captions(path: str | os.PathLike, scenes: list[Scene], seed: int = 0, per_image: int = 5) -> Path:
-    """captions.jsonl with image_id, caption and split."""
+def make_binding_scenes(n_images: int, seed: int = 0, objects: tuple[int, ...] = (2, 3),
+                        distractors: tuple[int, int] = (2, 4)) -> list[Scene]:
+    """`n_images` scenes in groups that only the binding of colours to shapes tells apart.
+
+    A group of k scenes (k drawn from `objects`) takes k distinct colours and k distinct
+    shapes; scene j pairs colour i with shape (i + j) mod k, so every scene of the group has
+    the same colour words and the same shape words, and each (colour, shape) pair is in one
+    scene only ("a red circle and a blue square" against "a blue circle and a red square").
+    Captions name those k objects; each scene also shows a few objects no caption names
+    (`distractors`: how many, at least and at most), of colours and shapes outside the group's,
+    so pooled image vectors mix what is described with what is not. No two groups share
+    their colours and shapes. A group stays in one split (80/10/10), so a test gallery holds
+    each scene's look-alikes: a bag-of-words ranker cannot do better than 1/k there
+    (`bag_of_words_ceiling`), a model that binds words to regions can.
+    """
+    rng = np.random.default_rng(seed)
+    colours, seen = list(COLOURS), set()
+    scenes: list[Scene] = []
+    bounds = np.cumsum([share for _, share in SPLITS]) * n_images
+    while len(scenes) < n_images:
+        left = n_images - len(scenes)
+        # a group size that leaves room for whole groups, so every scene keeps its look-alikes
+        sizes = [k for k in objects if k == left or left - k >= min(objects)] or list(objects)
+        k = int(rng.choice(sizes))
+        chosen_colours = [colours[i] for i in rng.choice(len(colours), size=k, replace=False)]
+        chosen_shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), size=k, replace=False)]
+        signature = (frozenset(chosen_colours), frozenset(chosen_shapes))
+        if signature in seen:
+            continue
+        seen.add(signature)
+        other_colours = [c for c in colours if c not in chosen_colours]
+        other_shapes = [s for s in SHAPES if s not in chosen_shapes]
+        split = next(name for (name, _), bound in zip(SPLITS, bounds, strict=True) if len(scenes) < bound)
+        for shift in range(min(k, n_images - len(scenes))):
+            members = [SceneObject(chosen_colours[i], chosen_shapes[(i + shift) % k], PLACES[rng.integers(len(PLACES))])
+                       for i in range(k)]
+            for _ in range(int(rng.integers(distractors[0], distractors[1] + 1)) if other_shapes else 0):
+                members.append(SceneObject(other_colours[rng.integers(len(other_colours))],
+                                           other_shapes[rng.integers(len(other_shapes))],
+                                           PLACES[rng.integers(len(PLACES))]))
+            scenes.append(Scene(f"scene_{len(scenes):05d}.png", members, split, named=k))
+    return scenes
+
+
+def bag_of_words_ceiling(scenes: list[Scene], split: str) -> dict[str, float]:
+    """R@1 (percent, both directions) of a perfect bag-of-words ranker on a split's scenes.
+
+    Every caption of a scene names the same objects (`Scene.described`); its other words
+    (templates, places) are drawn independently of what the features show, so the only
+    information a bag of words holds about the scene is the multiset of colour words and the
+    multiset of shape words it names. A ranker that sees only that bag gives every scene
+    with the same bag the same score: text → image, the best it can do is to put one of them
+    first (R@1 = 1/n for a bag shared by n scenes); image → text, its first caption is one of
+    the n·cpi equally scored captions (1/n in expectation). With unique bags this is 100; on
+    `make_binding_scenes` it is the mean of 1/k over the scenes.
+    """
+    chosen = [scene for scene in scenes if scene.split == split]
+    if not chosen:
+        raise ValueError(f"no scenes in split {split!r}")
+
+    def bag(scene: Scene) -> tuple:
+        return (tuple(sorted(o.colour for o in scene.described)), tuple(sorted(o.shape for o in scene.described)))
+
+    bags: dict[tuple, int] = {}
+    for scene in chosen:
+        bags[bag(scene)] = bags.get(bag(scene), 0) + 1
+    t2i = 100.0 * len(bags) / len(chosen)  # one scene of each bag first; every scene has as many captions
+    i2t = 100.0 * float(np.mean([1.0 / bags[bag(scene)] for scene in chosen]))
+    return {"i2t_r1": i2t, "t2i_r1": t2i}
+
+
+def write_captions(path: str | os.PathLike, scenes: list[Scene], seed: int = 0, per_image: int = 5,
+                   place_rate: float = 0.3) -> Path:
+    """captions.jsonl with image_id, caption and split (`place_rate`: how often an object's place is named)."""
     rng = np.random.default_rng(seed + 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w", encoding="utf-8") as handle:
         for scene in scenes:
-            for text in scene.captions(rng, per_image):
+            for text in scene.captions(rng, per_image, place_rate):
                 handle.write(json.dumps({"image_id": scene.image_id, "caption": text, "split": scene.split}) + "\n")
     return path
 
 
 def write_feature_dataset(out: str | os.PathLike, scenes: list[Scene], *, feature_dim: int = 64,
-                          max_boxes: int = 6, noise: float = 0.35, seed: int = 0, image_size: int = 64) -> Path:
+                          max_boxes: int = 6, noise: float = 0.35, seed: int = 0, image_size: int = 64,
+                          place_rate: float = 0.3) -> Path:
     """Shards of synthetic region features for `scenes`: one region per object, the rest clutter.
 
     A region's feature is relu(colour prototype + shape prototype + noise), so
@@ -109,7 +194,8 @@ def write_feature_dataset(out: str | os.PathLike, scenes: list[Scene], *, featur
     are noise. An object's box is where `render_scene` draws it in an image of
     `image_size` pixels (so search pages draw the attended boxes on the shapes);
     clutter boxes are random. Returns the feature directory (with captions.jsonl
-    beside the shards).
+    beside the shards; `place_rate`: how often a caption names an object's place, which
+    the features do not show).
     """
     from extract.shards import RegionRecord, ShardWriter
 
@@ -136,7 +222,7 @@ def write_feature_dataset(out: str | os.PathLike, scenes: list[Scene], *, featur
         if len(writer) == 500:
             writer.commit()
     writer.commit(settings={"source": "synthetic", "images": len(scenes)})
-    write_captions(out / "captions.jsonl", scenes, seed)
+    write_captions(out / "captions.jsonl", scenes, seed, place_rate=place_rate)
     return out
 
 

@@ -125,7 +125,7 @@ def test_train_task_is_saved_and_a_resume_keeps_it(trained_multiquery, tmp_path)
     assert first.exit_code == 0, first.output
     # HMRN's recipe is the task's default
     assert "config task: multi-query" in first.output and "config train: margin=0.2, hardest_negatives=True, " \
-        "warmup_epochs=0, global_loss_weight=0.0, learning_rate=0.0004" in first.output
+        "warmup_epochs=0, global_loss_weight=0.0, first_stage_temperature=0.05, learning_rate=0.0004" in first.output
     assert checkpoint.load_payload(tmp_path / "mq" / "checkpoint_last.pt")["config"]["task"] == "multi-query"
     refused = runner.invoke(cli, [*base, "--resume", "--task", "matching"])
     assert refused.exit_code == 2 and "task: run has 'multi-query', asked 'matching'" in refused.output

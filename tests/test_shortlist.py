@@ -93,7 +93,8 @@ def test_rescoring_takes_encoded_images_and_captions():
     with torch.inference_mode():
         images = encode_images(model, ImageArrays(features, num_boxes), torch.device("cpu"))
         texts = model.encode_captions(*pad_tokens(captions))
-    short = shortlist(global_vectors(images), global_vectors(texts), k_images=2, k_captions=3)
+        image_vectors, text_vectors = model.image_vectors(images), model.caption_vectors(texts)
+    short = shortlist(global_vectors(image_vectors), global_vectors(text_vectors), k_images=2, k_captions=3)
     candidates = short.candidates()
     scores = score_candidates(model, images, texts, candidates)
     np.testing.assert_allclose(scores, full[candidates[:, 0], candidates[:, 1]], atol=1e-6, rtol=0)

@@ -64,15 +64,48 @@ def test_run_directory_rules(toy, tmp_path):
         train(toy_config(), run_dir=tmp_path / "r", resume=True, **{**kwargs, "vocab_path": tmp_path / "other.json"})
 
 
-def test_collapse_is_reported_with_the_remedy(toy, tmp_path, monkeypatch):
+def test_collapse_is_reported_once_with_the_runs_loss(toy, tmp_path, monkeypatch):
     import matching.training as training
+    from matching.tasks import StepResult
 
-    monkeypatch.setattr(training, "train_step", lambda *args, **kwargs: (12.8, 0.0))
+    monkeypatch.setattr(training, "train_step", lambda *args, **kwargs: StepResult(9.6, 0.0))  # batch 24
     lines = []
     train(toy_config(epochs=1, warmup_epochs=0), features=toy[0], captions=toy[1], vocab_path=toy[2],
           run_dir=tmp_path / "c", progress=False, log=lines.append, max_steps=25)
     warnings = [line for line in lines if "collapsed" in line]
-    assert len(warnings) == 1 and "--warmup-epochs" in warnings[0] and "2·B·margin" in warnings[0]
+    assert len(warnings) == 1, warnings
+    assert "sits at its collapsed value 2·B·margin = 9.6" in warnings[0] and "--warmup-epochs 2" in warnings[0]
+
+
+@pytest.mark.parametrize("situation", ["hardest from the start", "after the warm-up", "in the warm-up",
+                                       "with the global loss"])
+def test_the_collapse_warning_fits_the_loss_and_the_settings(situation):
+    """The reason and the remedy follow the run: hardest negatives or the warm-up's sum over all of them,
+    the collapsed value of that loss, the global loss when it is on."""
+    from matching.training import MatchingTask
+
+    settings = {"hardest from the start": ({"warmup_epochs": 0}, 0, 2 * 32 * 0.2),
+                "after the warm-up": ({"warmup_epochs": 1}, 3, 2 * 32 * 0.2),
+                "in the warm-up": ({"warmup_epochs": 2}, 0, 2 * 32 * 31 * 0.2),
+                "with the global loss": ({"warmup_epochs": 1, "global_loss_weight": 1.0}, 0, 2272.0)}
+    train_settings, epoch, loss = settings[situation]
+    hint = MatchingTask().collapse_hint(0.0, loss, 32, Config().updated(train=train_settings), epoch)
+    if situation == "hardest from the start":
+        assert "sits at its collapsed value 2·B·margin = 12.8" in hint and "--warmup-epochs 2 or more" in hint
+    elif situation == "after the warm-up":
+        assert "2·B·margin = 12.8" in hint and "after 1 warm-up epoch(s)" in hint and "--warmup-epochs 3" in hint
+    elif situation == "in the warm-up":
+        assert "warm-up epoch 1: the hinge summed over all negatives" in hint
+        assert "2·B·(B−1)·margin = 396.8" in hint and "more warm-up will not help" in hint and "--lr" in hint
+        assert "--warmup-epochs" not in hint
+    else:
+        assert "The loss, 2272.0, is the paper's hinge at its collapsed value 2·B·(B−1)·margin = 396.8 plus 1 ×" \
+            in hint and "--global-loss-weight 1" in hint and "set it to 0" in hint and "2·B·margin =" not in hint
+
+
+def test_a_healthy_run_never_warns_of_collapse(trained_toy):
+    log = (trained_toy[4].run_dir / "train.log").read_text()
+    assert "epoch 4/4" in log and "collapsed" not in log
 
 
 def test_schedule_presets_and_overrides():

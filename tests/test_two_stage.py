@@ -1,4 +1,4 @@
-"""Two-stage retrieval end to end: the global loss, `evaluate --shortlist`, its rank keys and its report."""
+"""Two-stage retrieval end to end: the first stage, `evaluate --shortlist`, its rank keys and its report."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from tests.conftest import SMALL_MODEL, random_captions, random_images, tiny_con
 
 @pytest.fixture(scope="session")
 def trained_two_stage(tmp_path_factory):
-    """A small model trained with the global loss on 150 generated scenes (16 epochs, ~40 s)."""
+    """A small model trained with the defaults (its first-stage head beside it) on 150 generated scenes
+    (16 epochs, ~40 s)."""
     from matching.training import train
     from matching.vocabulary import build_vocabulary
     from pipelines.synthetic import make_scenes, write_feature_dataset
@@ -34,7 +35,7 @@ def trained_two_stage(tmp_path_factory):
     build_vocabulary(captions, root / "vocab.json", threshold=1)
     config = Config().updated(model=SMALL_MODEL, train={
         "batch_size": 24, "workers": 0, "learning_rate": 3e-3, "warmup_epochs": 3, "checkpoint_every": 0,
-        "epochs": 16, "lr_decay_epoch": 8, "global_loss_weight": 1.0})
+        "epochs": 16, "lr_decay_epoch": 8})
     train(config, features=features, captions=captions, vocab_path=root / "vocab.json", run_dir=root / "run",
           val_split=None, device="cpu", progress=False, log=lambda line: None)
     return features, captions, root / "run" / "model_best.pt"
@@ -95,9 +96,9 @@ def test_a_shortlist_of_one_image_ranks_it_first_and_the_rest_after_it():
     with torch.inference_mode():
         from matching.scoring import encode_images, pad_tokens
 
-        image_glob = encode_images(model, images, torch.device("cpu")).glob
-        caption_glob = model.encode_captions(*pad_tokens(captions)).glob
-    cosines = (image_glob @ caption_glob.t()).numpy()
+        image_vectors = model.image_vectors(encode_images(model, images, torch.device("cpu")))
+        caption_vectors = model.caption_vectors(model.encode_captions(*pad_tokens(captions)))
+    cosines = (image_vectors @ caption_vectors.t()).numpy()
     owner = np.arange(24) // 2
     cosine_rank = (cosines >= cosines[owner, np.arange(24)]).sum(0) - 1
     assert results["full"]["t2i_r1"] == pytest.approx(report["full"].t2i_recall)
@@ -134,7 +135,7 @@ def test_the_global_loss_adds_the_same_hinge_on_the_global_cosines():
         model = tiny_model(seed=7, dropout=0.0).train()
         config = Config(model=tiny_config(dropout=0.0)).updated(train={"global_loss_weight": weight, "grad_clip": 0})
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        losses[weight], _ = train_step(model, optimizer, batch, config, torch.device("cpu"), hardest=True)
+        losses[weight] = train_step(model, optimizer, batch, config, torch.device("cpu"), hardest=True).loss
     model = tiny_model(seed=7, dropout=0.0).train()
     with torch.no_grad():
         cosines = model.global_scores(model.encode_images(batch.features, batch.num_boxes),
@@ -144,11 +145,15 @@ def test_the_global_loss_adds_the_same_hinge_on_the_global_cosines():
     assert expected > 0 and losses[0.5] - losses[0.0] == pytest.approx(0.5 * expected, rel=1e-4)
 
 
-def test_checkpoints_from_before_the_global_loss_were_trained_without_it():
+def test_checkpoints_keep_the_meaning_of_fields_added_after_them():
     saved = Config().to_dict()
-    del saved["train"]["global_loss_weight"]
-    assert Config.from_checkpoint(saved).train.global_loss_weight == 0.0
-    assert Config.from_checkpoint(Config().to_dict()).train.global_loss_weight == 1.0
+    del saved["train"]["global_loss_weight"], saved["model"]["first_stage_dim"]
+    old = Config.from_checkpoint(saved)
+    assert old.train.global_loss_weight == 0.0 and old.model.first_stage_dim == 0  # no global loss, no head
+    newer = Config().updated(train={"global_loss_weight": 0.5}, model={"first_stage_dim": 32}).to_dict()
+    assert Config.from_checkpoint(newer).train.global_loss_weight == 0.5
+    assert Config.from_checkpoint(newer).model.first_stage_dim == 32
+    assert Config().train.global_loss_weight == 0.0  # the paper's loss alone, by default
     assert Config.default("multi-query").train.global_loss_weight == 0.0  # HMRN's loss has its own
 
 
@@ -178,19 +183,20 @@ def test_two_stage_search_re_ranks_the_nearest_images_with_their_exact_scores(tr
     store = FeatureStore(features)
     with torch.inference_mode():
         gallery = encode_images(model, StoreImages(store, store.image_ids), torch.device("cpu"))
+        gallery_vectors = global_vectors(model.image_vectors(gallery))
     texts = [c.text for c in read_captions(captions)[:40:5]]
     tokens = [encode_query(vocab, text)[0] for text in texts]
     exact = score_matrix(model, gallery, tokens)  # (150, 8)
     positions, scores = rerank_images(model, gallery, tokens[:2], 20)
     np.testing.assert_allclose(scores, exact[positions, :2], atol=1e-5)
     with torch.inference_mode():
-        cosines = global_vectors(gallery) @ global_vectors(model.encode_captions(*pad(tokens[:2])).glob).T
+        cosines = gallery_vectors @ global_vectors(model.caption_vectors(model.encode_captions(*pad(tokens[:2])))).T
     expected = set()
     for column in (cosines[:, 0], cosines[:, 1], cosines.mean(1)):
         expected |= set(np.argsort(-column)[:20].tolist())
     assert set(positions.tolist()) == expected
     with torch.inference_mode():
-        all_cosines = global_vectors(gallery) @ global_vectors(model.encode_captions(*pad(tokens)).glob).T
+        all_cosines = gallery_vectors @ global_vectors(model.caption_vectors(model.encode_captions(*pad(tokens)))).T
     for text, column, near in zip(texts, exact.T, all_cosines.T, strict=True):
         found = search(path, features, query=text, k=5, shortlist=20, device="cpu")
         assert found.shortlist == 20 and found.gallery_size == 150
@@ -218,7 +224,7 @@ def test_search_and_serve_commands_take_a_shortlist(trained_two_stage):
     result = CliRunner().invoke(cli, ["search", "--checkpoint", str(path), "--features", str(features),
                                       "--device", "cpu", "--shortlist", "30", "a red circle"])
     assert result.exit_code == 0, result.output
-    assert "two-stage: the model re-ranked the 30 of 150 images nearest by global cosine" in result.output
+    assert "two-stage: the model re-ranked the 30 of 150 images nearest by first-stage cosine" in result.output
     engine = SearchEngine.open(path, features, device="cpu", ranker="shortlist", shortlist=30)
     exact = SearchEngine.open(path, features, device="cpu", ranker="exact")
     assert SearchEngine.open(path, features, device="cpu").info.ranker == "exact"  # auto: 150 images ≤ 200
@@ -240,17 +246,33 @@ def test_search_and_serve_commands_take_a_shortlist(trained_two_stage):
                     assert box == box_again and weight == pytest.approx(weight_again, abs=1e-5)
 
 
-def test_a_model_without_the_global_loss_is_shortlisted_with_a_note(trained_two_stage, tmp_path):
+def test_a_model_without_a_trained_first_stage_is_never_shortlisted(trained_two_stage, tmp_path):
+    """No head and no global loss (an SGRAF import, or model.first_stage_dim 0): --shortlist is refused in one
+    line, search and serve score every image by default. A model of an older run trained with the global
+    loss (no head) still shortlists by its v̄, t̄."""
+    from matching.service import SearchEngine
+    from matching.shortlist import SEARCH_SHORTLIST, NoFirstStageError, default_search_shortlist
+
     features, captions, path = trained_two_stage
     model, config, vocab = checkpoint.load(path)
-    checkpoint.save(tmp_path / "old.pt", model, config.updated(train={"global_loss_weight": 0.0}), vocab)
-    lines = []
-    outcome = evaluate_checkpoint(tmp_path / "old.pt", features, captions, split=None, device="cpu", shortlist=5,
-                                  log=lines.append)
-    assert any("trained without the global loss" in line and "old.pt" in line for line in lines), lines
+    bare = config.updated(model={"first_stage_dim": 0})
+    network = checkpoint.build_network(bare)
+    network.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("first_stage.")})
+    checkpoint.save(tmp_path / "bare.pt", network, bare, vocab)
+    with pytest.raises(NoFirstStageError, match="bare.pt: this model has no trained first stage"):
+        evaluate_checkpoint(tmp_path / "bare.pt", features, captions, split=None, device="cpu", shortlist=5)
+    with pytest.raises(NoFirstStageError):
+        search(tmp_path / "bare.pt", features, query="a red circle", shortlist=20, device="cpu")
+    with pytest.raises(NoFirstStageError):
+        SearchEngine.open(tmp_path / "bare.pt", features, device="cpu", ranker="shortlist")
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(tmp_path / "bare.pt"), "--features",
+                                      str(features), "--captions", str(captions), "--split", "", "--device", "cpu",
+                                      "--shortlist", "5"])
+    assert result.exit_code == 2 and "no trained first stage" in result.output and "Traceback" not in result.output
+    assert default_search_shortlist(bare) == 0 and default_search_shortlist(config) == SEARCH_SHORTLIST
+    # an older run's model: no head, v̄ and t̄ trained by the global loss
+    older = bare.updated(train={"global_loss_weight": 1.0})
+    checkpoint.save(tmp_path / "older.pt", network, older, vocab)
+    assert default_search_shortlist(older) == SEARCH_SHORTLIST
+    outcome = evaluate_checkpoint(tmp_path / "older.pt", features, captions, split=None, device="cpu", shortlist=5)
     assert outcome.shortlist["full"].pairs_scored > 0
-    from matching.shortlist import SEARCH_SHORTLIST, default_search_shortlist
-
-    # search and serve shortlist by default only with global vectors trained for it
-    assert default_search_shortlist(checkpoint.load(tmp_path / "old.pt")[1]) == 0
-    assert default_search_shortlist(config) == SEARCH_SHORTLIST

@@ -1,0 +1,206 @@
+"""Does training still learn what the paper's model learns? Each default checked on a world a bag of words cannot solve.
+
+The world (`pipelines.synthetic.make_binding_scenes`): scenes come in groups that share their
+colour words and shape words but bind them differently ("a red circle and a blue square"
+against "a blue circle and a red square"), with 36 regions an image, most of them clutter. A
+perfect bag-of-words ranker reaches only about 40% R@1 on its test split (computed and printed
+from the data); a model that binds words to regions reaches 100.
+
+Each variant trains the same small TSHSR (d = 256, m = 64, word 64) with the same short recipe
+(2 epochs, the first summing the hinge over all negatives, lr 3e-3, batch 64) and changes one
+thing; every variant runs for every seed on the same generated data. It prints test R@1 both
+ways and rsum (mean ± std over the seeds) beside the bag-of-words ceiling, and appends one JSON
+line to benchmarks/results/bench_learning.jsonl.
+
+Variants:
+- default: the library's defaults as they are;
+- global-loss: the auxiliary hinge on cos(v̄, t̄) at weight 1 (`--global-loss-weight 1`);
+- paper-loss: the paper's loss alone (`--global-loss-weight 0`);
+- no-first-stage: without the shortlist's projection head (`--set model.first_stage_dim=0`);
+- length-buckets: batches of similar-length captions (`--length-buckets`);
+- plain-batchnorm: the image pooling's batch norm taking statistics over padded region slots too
+  (`nn.BatchNorm1d`'s behaviour, instead of `MaskedBatchNorm1d`);
+- plain-head: the plain batched similarity head (`benchmarks/bench_train.py`'s baseline)
+  instead of the fast chunked one, in training and evaluation.
+
+    python benchmarks/bench_learning.py [--seeds 3] [--images 3750] [--variants default,global-loss]
+    python benchmarks/bench_learning.py --quick       # 600 scenes, 8 regions: a check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_learning.jsonl"
+MODEL = {"embed_size": 256, "sim_dim": 64, "word_dim": 64}
+RECIPE = {"epochs": 2, "warmup_epochs": 1, "learning_rate": 3e-3, "batch_size": 64, "workers": 0,
+          "features_in_memory": True, "checkpoint_every": 0, "val_images": 0, "lr_decay_epoch": 0}
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "global-loss": {"train": {"global_loss_weight": 1.0}},
+    "paper-loss": {"train": {"global_loss_weight": 0.0}},
+    "no-first-stage": {"model": {"first_stage_dim": 0}},
+    "length-buckets": {"train": {"length_buckets": True}},
+    "plain-batchnorm": {"patch": "batchnorm"},
+    "plain-head": {"patch": "head"},
+}
+
+
+@contextlib.contextmanager
+def patched(kind: str | None) -> Iterator[None]:
+    """The plain alternatives of two defaults, swapped in for one training and evaluation."""
+    from matching.batchnorm import MaskedBatchNorm1d
+    from matching.similarity import SimilarityHead
+
+    if kind is None:
+        yield
+        return
+    if kind == "batchnorm":
+        owner, name = MaskedBatchNorm1d, "forward"
+        original = MaskedBatchNorm1d.forward
+
+        def replacement(self, input, mask=None):  # noqa: A002, ANN001, ANN202 - statistics over every row
+            return torch.nn.BatchNorm1d.forward(self, input)
+    elif kind == "head":
+        from bench_train import plain_similarity_vector
+
+        owner, name = SimilarityHead, "forward"
+        original = SimilarityHead.forward
+
+        def replacement(self, images, captions, *, chunk_rows=None):  # noqa: ANN001, ANN202
+            return torch.sigmoid(self.score(plain_similarity_vector(self, images, captions))).squeeze(-1)
+    else:
+        raise ValueError(kind)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def world(root: Path, seed: int, images: int, regions: int) -> tuple[Path, Path, dict]:
+    """Feature shards, captions and vocabulary of one seed's binding world (made once), and its ceiling."""
+    from matching.vocabulary import build_vocabulary
+    from pipelines.synthetic import bag_of_words_ceiling, make_binding_scenes, write_feature_dataset
+
+    scenes = make_binding_scenes(images, seed=seed)
+    features = root / f"world-{seed}"
+    if not (features / "manifest.json").exists():
+        write_feature_dataset(features, scenes, feature_dim=64, max_boxes=regions, seed=seed, place_rate=0.0)
+        build_vocabulary(features / "captions.jsonl", features / "vocab.json", threshold=1)
+    return features, features / "vocab.json", bag_of_words_ceiling(scenes, "test")
+
+
+def run(root: Path, name: str, seed: int, features: Path, vocab: Path, shortlists: tuple[int, ...],
+        model: dict, recipe: dict) -> dict:
+    from matching.config import Config
+    from matching.inference import evaluate_checkpoint
+    from matching.training import train
+
+    variant = VARIANTS[name]
+    config = Config().updated(model={**model, **variant.get("model", {})},
+                              train={**recipe, "seed": seed, **variant.get("train", {})})
+    run_dir = root / f"run-{name}-{seed}"
+    captions = features / "captions.jsonl"
+    started = time.time()
+    with patched(variant.get("patch")):
+        result = train(config, features=features, captions=captions, vocab_path=vocab, run_dir=run_dir,
+                       overwrite=True, device="cpu", progress=False, log=lambda line: None)
+        seconds = time.time() - started
+        test = evaluate_checkpoint(run_dir / "model_best.pt", features, captions, split="test", protocol="full",
+                                   device="cpu").results["full"]
+    row = {"val_rsum_epoch1": result.history[0].get("rsum"), "test_i2t_r1": test["i2t_r1"],
+           "test_t2i_r1": test["t2i_r1"], "test_rsum": test["rsum"], "train_seconds": round(seconds, 1)}
+    for k in shortlists:
+        try:
+            two = evaluate_checkpoint(run_dir / "model_best.pt", features, captions, split="test", protocol="full",
+                                      device="cpu", shortlist=k)
+        except ValueError as error:  # no trained first stage
+            row["shortlist_note"] = str(error)
+            break
+        report = two.shortlist["full"]
+        row[f"shortlist{k}"] = {"t2i_recall": report.t2i_recall, "i2t_recall": report.i2t_recall,
+                                "t2i_r1": two.results["full"]["t2i_r1"], "i2t_r1": two.results["full"]["i2t_r1"]}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=3750, help="Scenes generated (80%% train, 10%% val, 10%% test).")
+    parser.add_argument("--regions", type=int, default=36, help="Most regions an image has.")
+    parser.add_argument("--variants", default="default,global-loss,length-buckets,plain-batchnorm,plain-head")
+    parser.add_argument("--shortlist", default="", help="Comma-separated K: also evaluate two-stage at these K.")
+    parser.add_argument("--workdir", type=Path, help="Keep the worlds and runs here (default: a temporary directory).")
+    parser.add_argument("--embed-size", type=int, default=MODEL["embed_size"])
+    parser.add_argument("--sim-dim", type=int, default=MODEL["sim_dim"])
+    parser.add_argument("--word-dim", type=int, default=MODEL["word_dim"])
+    parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
+    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    parser.add_argument("--warmup-epochs", type=int, default=RECIPE["warmup_epochs"])
+    parser.add_argument("--lr", type=float, default=RECIPE["learning_rate"])
+    parser.add_argument("--quick", action="store_true", help="600 scenes of 8 regions, one seed.")
+    args = parser.parse_args()
+    model = {"embed_size": args.embed_size, "sim_dim": args.sim_dim, "word_dim": args.word_dim}
+    recipe = {**RECIPE, "batch_size": args.batch_size, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
+              "learning_rate": args.lr}
+    if args.quick:
+        args.images, args.regions, args.seeds = 600, 8, 1
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    shortlists = tuple(int(k) for k in args.shortlist.split(",") if k.strip())
+    started = time.time()
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    ceilings = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for seed in range(args.seeds):
+            features, vocab, ceiling = world(root, seed, args.images, args.regions)
+            ceilings.append(ceiling)
+            for name in names:
+                row = run(root, name, seed, features, vocab, shortlists, model, recipe)
+                rows[name].append(row)
+                print(f"seed {seed} {name:<16} test R@1 i2t {row['test_i2t_r1']:5.1f} t2i {row['test_t2i_r1']:5.1f} "
+                      f"rsum {row['test_rsum']:5.1f} (val rsum after epoch 1: {row['val_rsum_epoch1']:.1f}; "
+                      f"{row['train_seconds']:.0f} s)", flush=True)
+    bow = {key: statistics.mean(c[key] for c in ceilings) for key in ("i2t_r1", "t2i_r1")}
+    print(f"\n{args.seeds} seeds, {args.images} scenes, up to {args.regions} regions; a perfect bag-of-words "
+          f"ranker: R@1 i2t {bow['i2t_r1']:.1f}, t2i {bow['t2i_r1']:.1f}")
+    print(f"{'variant':<16} {'i2t R@1':>14} {'t2i R@1':>14} {'rsum':>15}")
+    summary = {}
+    for name in names:
+        stats = {}
+        for key in ("test_i2t_r1", "test_t2i_r1", "test_rsum"):
+            values = [row[key] for row in rows[name]]
+            stats[key] = (statistics.mean(values), statistics.pstdev(values))
+        summary[name] = stats
+        print(f"{name:<16} " + " ".join(f"{stats[k][0]:7.1f} ± {stats[k][1]:4.1f}"
+                                         for k in ("test_i2t_r1", "test_t2i_r1", "test_rsum")))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"benchmark": "bench_learning", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "device": platform.processor() or platform.machine(),
+                                 "threads": torch.get_num_threads(), "seeds": args.seeds, "images": args.images,
+                                 "regions": args.regions, "model": model, "recipe": recipe,
+                                 "bag_of_words_ceiling": bow, "rows": rows, "summary": summary,
+                                 "seconds": round(time.time() - started, 1)}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
