@@ -62,8 +62,8 @@ VARIANTS: dict[str, dict] = {
 @contextlib.contextmanager
 def patched(kind: str | None) -> Iterator[None]:
     """The plain alternatives of two defaults, swapped in for one training and evaluation."""
-    from matching.batchnorm import MaskedBatchNorm1d
-    from matching.similarity import SimilarityHead
+    from matching.model.batchnorm import MaskedBatchNorm1d
+    from matching.model.similarity import SimilarityHead
 
     if kind is None:
         yield
@@ -93,7 +93,7 @@ def patched(kind: str | None) -> Iterator[None]:
 
 def world(root: Path, seed: int, images: int, regions: int) -> tuple[Path, Path, dict]:
     """Feature shards, captions and vocabulary of one seed's binding world (made once), and its ceiling."""
-    from matching.vocabulary import build_vocabulary
+    from matching.data.vocabulary import build_vocabulary
     from pipelines.synthetic import bag_of_words_ceiling, make_binding_scenes, write_feature_dataset
 
     scenes = make_binding_scenes(images, seed=seed)
@@ -107,8 +107,8 @@ def world(root: Path, seed: int, images: int, regions: int) -> tuple[Path, Path,
 def run(root: Path, name: str, seed: int, features: Path, vocab: Path, shortlists: tuple[int, ...],
         model: dict, recipe: dict) -> dict:
     from matching.config import Config
-    from matching.inference import evaluate_checkpoint
-    from matching.training import train
+    from matching.retrieval.evaluate import evaluate_checkpoint
+    from matching.training.loop import train
 
     variant = VARIANTS[name]
     config = Config().updated(model={**model, **variant.get("model", {})},

@@ -25,12 +25,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from extract.shards import FeatureStore, RegionRecord, ShardWriter
-from matching.captions import Caption
 from matching.config import Config
-from matching.data import EpochBatchSampler, PairDataset, build_pairs, collate_pairs
-from matching.model import build_model
-from matching.text import Vocabulary
-from matching.training import train_step
+from matching.data.captions import Caption
+from matching.data.pairs import EpochBatchSampler, PairDataset, build_pairs, collate_pairs
+from matching.data.text import Vocabulary
+from matching.model.tshsr import build_model
+from matching.training.loop import train_step
 
 
 def write_features(directory: Path, images: int, regions: int, dim: int) -> list[str]:

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from matching.multiquery import MultiQueryConfig, build_hmrn, encode_query_sets, score_rounds
+from matching.model.hmrn import MultiQueryConfig, build_hmrn, encode_query_sets, score_rounds
 
 
 def matmul_flops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:

@@ -8,7 +8,7 @@ the same generator, 2,000 images × 10,000 captions by default, is evaluated:
 
 1. exact: every (image, caption) pair scored by the full model (`score_matrix`, the path
    of `tshsr-pipe evaluate`), ranks from the full score matrix;
-2. two-stage at each K of --shortlist (`matching.shortlist.two_stage_metrics`, the path of
+2. two-stage at each K of --shortlist (`matching.retrieval.shortlist.two_stage_metrics`, the path of
    `evaluate --shortlist K`): faiss ranks by the first-stage head's cosines, and the full
    model re-scores each caption's K best images and each image's 5·K best captions.
 
@@ -51,8 +51,8 @@ def write_world(features: Path, scenes: list) -> Path:
 def trained_model(workdir: Path, scenes: int, log) -> Path:
     """model_best.pt of a small model trained with the defaults on `scenes` binding scenes (cached)."""
     from matching.config import Config
-    from matching.training import train
-    from matching.vocabulary import build_vocabulary
+    from matching.data.vocabulary import build_vocabulary
+    from matching.training.loop import train
     from pipelines.synthetic import make_binding_scenes
 
     run = workdir / f"train{scenes}"
@@ -103,10 +103,10 @@ def main() -> None:
 
     from extract.shards import FeatureStore
     from matching import checkpoint
-    from matching.captions import evaluation_set, read_captions
-    from matching.evaluation import recall_metrics
-    from matching.scoring import StoreImages, score_matrix
-    from matching.shortlist import two_stage_metrics
+    from matching.data.captions import evaluation_set, read_captions
+    from matching.retrieval.metrics import recall_metrics
+    from matching.retrieval.scoring import StoreImages, score_matrix
+    from matching.retrieval.shortlist import two_stage_metrics
 
     log = functools.partial(print, flush=True)
     args.workdir.mkdir(parents=True, exist_ok=True)

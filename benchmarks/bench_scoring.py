@@ -11,7 +11,7 @@ d = 1024, m = 256, M = 3), with random weights:
    caption, all three reasoning layers in full, node 0 read out.
 2. TSHSR: `score_matrix` against the same per-caption loop with our TSHSR equations
    (both streams, HSR on the i2t stream, the t2i stream averaged).
-3. SGR, the whole `evaluate` path (`matching.inference.evaluate_checkpoint`: checkpoint
+3. SGR, the whole `evaluate` path (`matching.retrieval.evaluate.evaluate_checkpoint`: checkpoint
    loading, feature shards, captions, encoding, scoring, metrics) on a generated
    200 images × 1000 captions, against SGRAF's algorithm given all 200 images per call
    (timed on the first `--baseline-captions` captions: its cost is linear in them).
@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from matching.config import Config, ModelConfig
-from matching.encoders import Embedded
-from matching.model import TSHSR, build_model
-from matching.scoring import ImageArrays, encode_images, pad_tokens, score_matrix
-from matching.tensors import l2norm
+from matching.model.encoders import Embedded
+from matching.model.tensors import l2norm
+from matching.model.tshsr import TSHSR, build_model
+from matching.retrieval.scoring import ImageArrays, encode_images, pad_tokens, score_matrix
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_scoring.jsonl"
 REGIONS, VOCAB = 36, 10000
@@ -292,7 +292,7 @@ def write_evaluation_set(root: Path, n_images: int, captions_per_image: int, see
     """A checkpoint (SGR, random weights), a feature directory and a captions file for `evaluate`."""
     from extract.shards import RegionRecord, ShardWriter
     from matching import checkpoint
-    from matching.text import Vocabulary
+    from matching.data.text import Vocabulary
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -318,9 +318,9 @@ def evaluate_comparison(n_images: int, captions_per_image: int, baseline_caption
     """The whole `evaluate` path (SGR) against SGRAF's algorithm given all the images per call."""
     from extract.shards import FeatureStore
     from matching import checkpoint
-    from matching.captions import evaluation_set, read_captions
-    from matching.inference import evaluate_checkpoint
-    from matching.scoring import StoreImages
+    from matching.data.captions import evaluation_set, read_captions
+    from matching.retrieval.evaluate import evaluate_checkpoint
+    from matching.retrieval.scoring import StoreImages
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, features, captions_file = write_evaluation_set(Path(tmp), n_images, captions_per_image)

@@ -53,8 +53,8 @@ def write_gallery(workdir: Path, images: int, seed: int = 0) -> tuple[Path, Path
     from extract.shards import FeatureStore, RegionRecord, ShardWriter
     from matching import checkpoint
     from matching.config import Config, ModelConfig
-    from matching.model import build_model
-    from matching.text import Vocabulary
+    from matching.data.text import Vocabulary
+    from matching.model.tshsr import build_model
 
     ckpt, features = workdir / "model.pt", workdir / f"features-{images}"
     if ckpt.exists() and FeatureStore.has_images(features) and len(FeatureStore(features)) == images:
@@ -98,7 +98,7 @@ def in_process(ckpt: Path, features: Path, queries: list[str], k: int, time_cap:
     The calls run on the server's kind of worker thread, as served requests do: on this shared
     machine torch's CPU kernels run measurably slower from the main thread than from another.
     """
-    from matching.service import SearchEngine
+    from matching.retrieval.search import SearchEngine
     from pipelines.serve.worker import ModelWorker
 
     engine = SearchEngine.open(ckpt, features, device="cpu")
@@ -193,7 +193,7 @@ def served(ckpt: Path, features: Path, ranker: str, queries: list[str], k: int, 
 def serve_child(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from matching.service import SearchEngine
+    from matching.retrieval.search import SearchEngine
     from pipelines.serve.app import Limits, create_app
 
     engine = SearchEngine.open(args.checkpoint, args.features, device="cpu", ranker=args.ranker,
@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--time-cap", type=float, default=240, help="seconds per measurement, at most")
     parser.add_argument("-k", type=int, default=10, help="results per query")
     parser.add_argument("--rankers", default="exact,shortlist",
-                        help="comma-separated names from matching.service.RANKERS")
+                        help="comma-separated names from matching.retrieval.search.RANKERS")
     parser.add_argument("--shortlist", type=int, default=200, help="images the shortlist ranker re-scores")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tshsr-bench-serve")
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS}")
@@ -227,7 +227,7 @@ def main() -> None:
 
     import torch
 
-    from matching.service import RANKERS
+    from matching.retrieval.search import RANKERS
 
     rankers = [name.strip() for name in args.rankers.split(",") if name.strip()]
     levels = [int(level) for level in args.concurrency.split(",")]

@@ -45,12 +45,12 @@ from typing import Any
 import torch
 
 from matching.config import ModelConfig
-from matching.encoders import Embedded
-from matching.loss import hardest_negative_loss
-from matching.model import TSHSR, build_model
-from matching.reasoning import HSRLayer
-from matching.similarity import SimilarityHead, attend_regions, attend_words, clipped_cosines
-from matching.tensors import masked_mean, masked_softmax
+from matching.model.encoders import Embedded
+from matching.model.reasoning import HSRLayer
+from matching.model.similarity import SimilarityHead, attend_regions, attend_words, clipped_cosines
+from matching.model.tensors import masked_mean, masked_softmax
+from matching.model.tshsr import TSHSR, build_model
+from matching.training.loss import hardest_negative_loss
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.jsonl"
 REGIONS, VOCAB = 36, 10000

@@ -24,8 +24,8 @@ import torch
 
 from extract.safeio import atomic_write
 from matching.config import Config, ConfigError
-from matching.model import build_model
-from matching.text import Vocabulary, VocabularyError
+from matching.data.text import Vocabulary, VocabularyError
+from matching.model.tshsr import build_model
 
 FORMAT = "tshsr-pipe"
 FORMAT_VERSION = 1
@@ -79,7 +79,7 @@ def load_payload(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, An
 def build_network(config: Config) -> torch.nn.Module:
     """A freshly initialised network for a config of either task (TSHSR for matching, HMRN for multi-query)."""
     if config.task == "multi-query":
-        from matching.multiquery import build_hmrn
+        from matching.model.hmrn import build_hmrn
 
         return build_hmrn(config.model)
     return build_model(config.model)

@@ -46,7 +46,7 @@ class ModelConfig:
     reasoning_stream: str = "i2t"  # the stream that reasons, Table V
     streams: str = "both"  # i2t ("HSR"), t2i, or both ("TSHSR"), Table I
     relation_norm: str = "softmax"  # HSR relation matrix: softmax rows, or none (the paper's literal Eq. 4)
-    # Size of the shortlist's vectors (`matching.first_stage`: a head trained beside the model on detached
+    # Size of the shortlist's vectors (`matching.model.first_stage`: a head trained beside the model on detached
     # inputs, used only by two-stage retrieval); 0 = no head.
     first_stage_dim: int = 256
 
@@ -269,7 +269,7 @@ class Config:
         return Config.from_dict(payload)
 
 
-# faiss indexes of two-stage retrieval's first stage (`matching.shortlist`): exact, inverted file, HNSW graph.
+# faiss indexes of two-stage retrieval's first stage (`matching.retrieval.shortlist`): exact, inverted file, HNSW graph.
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 SEARCH_SHORTLIST = 200  # images a search query re-ranks with the full model (two-stage search's default)
 

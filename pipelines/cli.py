@@ -23,8 +23,8 @@ from matching.config import (
     MultiQueryConfig,
     TrainConfig,
 )
-from matching.evaluation import PROTOCOLS
-from matching.precomp import SPLITS as PRECOMP_SPLITS
+from matching.importers.precomp import SPLITS as PRECOMP_SPLITS
+from matching.retrieval.metrics import PROTOCOLS
 from pipelines.errors import UserError, user_errors
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -106,7 +106,7 @@ def evaluate(checkpoints: tuple[Path, ...], sims_files: tuple[Path, ...], featur
     Long runs print the pairs scored, the rate and the ETA.
     """
     from extract.runtime import Launch
-    from matching.inference import evaluate_checkpoint, write_metrics, write_sims
+    from matching.retrieval.evaluate import evaluate_checkpoint, write_metrics, write_sims
 
     if not checkpoints and not sims_files:
         raise UserError("give --checkpoint (repeat it for an ensemble) or --sims")
@@ -144,7 +144,7 @@ def import_sgraf(sgraf_checkpoint: Path, vocab_path: Path, out: Path) -> None:
     The file is read with a restricted unpickler: only tensors, plain data and
     argparse.Namespace are admitted, so a tampered file cannot run code.
     """
-    from matching.sgraf import import_sgraf as convert
+    from matching.importers.sgraf import import_sgraf as convert
 
     path, config = convert(sgraf_checkpoint, vocab_path, out)
     m = config.model
@@ -165,7 +165,7 @@ def import_sgraf(sgraf_checkpoint: Path, vocab_path: Path, out: Path) -> None:
 def vocab(captions: Path, out: Path, threshold: int, splits: tuple[str, ...]) -> None:
     """Build the vocabulary from the train (and val) captions of CAPTIONS, or from the training
     queries of a multi-query JSONL file."""
-    from matching.vocabulary import build_vocabulary
+    from matching.data.vocabulary import build_vocabulary
 
     built, counted = build_vocabulary(captions, out, splits=splits or None, threshold=threshold)
     click.echo(f"{len(built)} words (threshold {threshold}, {counted} texts) written to {out}")
@@ -193,8 +193,8 @@ def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_
     for the MSCOCO 5K test set).
     """
     from extract.runtime import progress_bar
-    from matching.precomp import CAPTIONS_FILE
-    from matching.precomp import import_precomp as convert
+    from matching.importers.precomp import CAPTIONS_FILE
+    from matching.importers.precomp import import_precomp as convert
 
     with progress_bar(None, "importing", "img") as bar:
         counts = convert(data_dir, out, splits=splits or None, captions_per_image=captions_per_image,
@@ -220,7 +220,7 @@ def import_vg(regions: Path, splits_dir: Path, out: Path, max_turns: int) -> Non
     Genome's region_descriptions.json. Phrases are lower-cased, exact duplicates dropped,
     and images with fewer than --max-turns phrases left out; the counts are printed.
     """
-    from matching.multiquery_data import import_vg_queries
+    from matching.data.queries import import_vg_queries
 
     counts = import_vg_queries(regions, splits_dir, out, max_turns=max_turns)
     click.echo(counts.summary())
@@ -246,7 +246,7 @@ def import_drilldown(region_dir: Path, out: Path, queries: Path | None, max_boxe
     """
     from extract.drilldown import import_drilldown_features
     from extract.runtime import progress_bar
-    from matching.multiquery_data import read_query_sets
+    from matching.data.queries import read_query_sets
 
     wanted = [item.image_id for item in read_query_sets(queries)] if queries else None
     with progress_bar(None, "importing", "img") as bar:
@@ -338,8 +338,8 @@ def train(task: str | None, features: Path, captions: Path, vocab_path: Path, na
     """
     from extract.runtime import exit_code
     from matching.config import Config, apply_settings, requested_settings
-    from matching.rundir import new_run_name
-    from matching.training import train as run_training
+    from matching.training.loop import train as run_training
+    from matching.training.rundir import new_run_name
 
     if resume and not name:
         raise UserError("--resume needs --name (the run to continue)")
@@ -401,7 +401,7 @@ def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_
       tshsr-pipe search --checkpoint ... --features ... --image COCO_val2014_000000391895.jpg --captions c.json
       tshsr-pipe search --checkpoint runs/hmrn/model_best.pt --features vg/ "a red car" "a man with an umbrella"
     """
-    from matching.inference import search as run_search
+    from matching.retrieval.evaluate import search as run_search
     from pipelines.search_page import write_search_page
 
     found = run_search(checkpoint_path, features, query=list(queries), image_id=image_id, captions=captions,
@@ -459,7 +459,7 @@ def run_command(pipeline_file: Path | None, workdir: str | None, images: str | N
     stage is resumed by running the same command again. See README "run" for the file's
     fields (extract:, vocab:, model:, train:, evaluate: sections).
     """
-    from matching.evaluation import format_table
+    from matching.retrieval.metrics import format_table
     from pipelines.run import PipelineSpec, run_pipeline
 
     overrides = {"workdir": workdir, "images": images, "features": features, "captions": captions, "name": name,
@@ -499,7 +499,7 @@ def demo(out: Path, task: str, fast: bool, num_images: int | None, seed: int, de
 
     started = time.time()
     if task == "multi-query":
-        from matching.evaluation import format_round_table
+        from matching.retrieval.metrics import format_round_table
 
         outcome = run_multiquery_demo(out, images=num_images or 400, seed=seed, device=device, log=click.echo)
         click.echo(f"\ntest set: {outcome['test_images']} scenes, one query per object, rounds 1…4")
@@ -546,7 +546,7 @@ def serve(checkpoint_path: Path, features: Path, captions: Path | None, split: s
     """
     import uvicorn
 
-    from matching.shortlist import SEARCH_SHORTLIST
+    from matching.retrieval.shortlist import SEARCH_SHORTLIST
     from pipelines.serve.app import build_app
 
     ranker = "auto" if shortlist is None else "shortlist" if shortlist else "exact"

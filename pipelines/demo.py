@@ -51,7 +51,7 @@ def demo_spec(out: Path, *, pixels: bool, images: int, seed: int, device: str) -
 def run_demo(out: str | os.PathLike, *, pixels: bool = True, images: int = 300, seed: int = 0,
              device: str = "cpu", log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """Generate the data, run extract → vocab → train → evaluate, return {"results", "chance", "images"}."""
-    from matching.evaluation import chance_metrics
+    from matching.retrieval.metrics import chance_metrics
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,11 +86,11 @@ def run_multiquery_demo(out: str | os.PathLike, *, images: int = 400, seed: int 
     second run reuses the data, the vocabulary and a finished model.
     """
     from matching.config import Config
-    from matching.evaluation import round_chance
-    from matching.inference import evaluate_checkpoint
-    from matching.rundir import RunDirectory, run_finished
-    from matching.training import train
-    from matching.vocabulary import build_vocabulary
+    from matching.data.vocabulary import build_vocabulary
+    from matching.retrieval.evaluate import evaluate_checkpoint
+    from matching.retrieval.metrics import round_chance
+    from matching.training.loop import train
+    from matching.training.rundir import RunDirectory, run_finished
     from pipelines.synthetic import make_multiquery_scenes, write_multiquery_dataset
 
     out = Path(out)

@@ -35,15 +35,15 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from extract.runtime import DeviceError
     from extract.safeio import LockedError, StorageError
     from extract.shards import ShardFormatError
-    from matching.captions import CaptionFormatError
     from matching.checkpoint import CheckpointError
     from matching.config import ConfigError
-    from matching.evaluation import MetricsError
-    from matching.index import SearchIndexError
-    from matching.inference import QueryError
-    from matching.rundir import RunError
-    from matching.shortlist import NoFirstStageError
-    from matching.text import VocabularyError
+    from matching.data.captions import CaptionFormatError
+    from matching.data.text import VocabularyError
+    from matching.retrieval.evaluate import QueryError
+    from matching.retrieval.index import SearchIndexError
+    from matching.retrieval.metrics import MetricsError
+    from matching.retrieval.shortlist import NoFirstStageError
+    from matching.training.rundir import RunError
 
     return (ExtractError, DeviceError, StorageError, LockedError, ShardFormatError, CaptionFormatError,
             CheckpointError, ConfigError, VocabularyError, RunError, MetricsError, QueryError, SearchIndexError,

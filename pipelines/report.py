@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from extract.safeio import atomic_write_with
-from matching.rundir import RECALL_FIELDS, RunDirectory, RunError
+from matching.training.rundir import RECALL_FIELDS, RunDirectory, RunError
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:

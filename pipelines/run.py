@@ -149,7 +149,7 @@ class PipelineSpec:
         return str(self.train.get("train_split", "train")), (self.train.get("val_split", "val") or None)
 
     def evaluate_settings(self) -> dict[str, Any]:
-        from matching.evaluation import PROTOCOLS
+        from matching.retrieval.metrics import PROTOCOLS
 
         _known(self.evaluate, EVALUATE_OPTIONS, "evaluate")
         settings = {"split": "test", "protocol": "all", "captions_per_image": 5, "batch_size": 128, **self.evaluate}
@@ -269,7 +269,7 @@ def _extract(spec: PipelineSpec, forced: set[str], log: Callable[[str], None], p
 
 
 def _vocab(spec: PipelineSpec, records: StageRecords, forced: set[str], log: Callable[[str], None]) -> None:
-    from matching.vocabulary import build_vocabulary
+    from matching.data.vocabulary import build_vocabulary
 
     settings = spec.vocab_settings()
     record = StageRecords.make(settings, {"captions": _file(spec.captions)})
@@ -284,8 +284,8 @@ def _vocab(spec: PipelineSpec, records: StageRecords, forced: set[str], log: Cal
 
 def _train(spec: PipelineSpec, records: StageRecords, forced: set[str], log: Callable[[str], None],
            progress: bool) -> None:
-    from matching.rundir import RunDirectory, run_finished
-    from matching.training import train
+    from matching.training.loop import train
+    from matching.training.rundir import RunDirectory, run_finished
 
     config = spec.train_config()
     train_split, val_split = spec.train_splits()
@@ -315,8 +315,8 @@ def _train(spec: PipelineSpec, records: StageRecords, forced: set[str], log: Cal
 
 def _evaluate(spec: PipelineSpec, records: StageRecords, forced: set[str],
               log: Callable[[str], None]) -> dict[str, Any]:
-    from matching.inference import evaluate_checkpoint, write_metrics
-    from matching.rundir import RunDirectory
+    from matching.retrieval.evaluate import evaluate_checkpoint, write_metrics
+    from matching.training.rundir import RunDirectory
 
     settings = spec.evaluate_settings()
     best = RunDirectory(spec.run_dir).best

@@ -338,7 +338,7 @@ def write_multiquery_dataset(out: str | os.PathLike, scenes: list[Scene], *, fea
     Each scene's queries name its objects ("a red circle", "a blue star", …) in a random
     order; returns the feature directory.
     """
-    from matching.multiquery_data import QuerySet, write_query_sets
+    from matching.data.queries import QuerySet, write_query_sets
 
     out = write_feature_dataset(out, scenes, feature_dim=feature_dim, max_boxes=max_boxes, noise=noise, seed=seed)
     rng = np.random.default_rng(seed + 2)

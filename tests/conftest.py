@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from matching.config import ModelConfig
-from matching.model import build_model
+from matching.model.tshsr import build_model
 
 pytest_plugins = ["tests.extract_fixtures"]  # the extractor's fixtures (random weights) for every test
 
@@ -76,8 +76,8 @@ SMALL_MODEL = {"embed_size": 64, "sim_dim": 32, "word_dim": 32}
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """The synthetic shapes set as features: (feature dir, captions.jsonl, vocab.json)."""
-    from matching.captions import read_captions
-    from matching.text import Vocabulary
+    from matching.data.captions import read_captions
+    from matching.data.text import Vocabulary
     from pipelines.synthetic import make_scenes, write_feature_dataset
 
     root = tmp_path_factory.mktemp("toy")
@@ -97,7 +97,7 @@ def toy_config(**train):
 @pytest.fixture(scope="session")
 def trained_toy(toy, tmp_path_factory):
     """A model trained on the toy set (4 epochs, ~10 s): (features, captions, vocab, model_best.pt, result)."""
-    from matching.training import train
+    from matching.training.loop import train
 
     features, captions, vocab = toy
     run = tmp_path_factory.mktemp("trained") / "run"

@@ -1,4 +1,4 @@
-"""A slow, one-pair-at-a-time HMRN written straight from the equations (matching/multiquery.py docstring).
+"""A slow, one-pair-at-a-time HMRN written straight from the equations (matching/model/hmrn.py docstring).
 
 It shares no code with `matching`: it reads the model's parameters by name and
 recomputes everything with explicit loops on unpadded tensors, in float64 and

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from matching.batchnorm import MaskedBatchNorm1d
-from matching.encoders import ImageEncoder
-from matching.tensors import length_mask
+from matching.model.batchnorm import MaskedBatchNorm1d
+from matching.model.encoders import ImageEncoder
+from matching.model.tensors import length_mask
 
 
 def test_with_every_row_valid_it_is_batchnorm1d():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from matching.captions import (
+from matching.data.captions import (
     CaptionFormatError,
     evaluation_set,
     group_by_image,

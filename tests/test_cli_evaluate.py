@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from matching import checkpoint
 from matching.config import Config
-from matching.scoring import ImageArrays, score_matrix
-from matching.text import Vocabulary
+from matching.data.text import Vocabulary
+from matching.retrieval.scoring import ImageArrays, score_matrix
 from pipelines.cli import cli
 from tests.conftest import tiny_config, tiny_model
 
@@ -104,7 +104,7 @@ def test_vocab_that_does_not_match_the_checkpoint(setup):
 def test_wrong_feature_width(setup):
     tmp, features_dir, *_ = setup
     wide = tiny_config(img_dim=32)
-    from matching.model import build_model
+    from matching.model.tshsr import build_model
 
     checkpoint.save(tmp / "wide.pt", build_model(wide), Config(model=wide), make_vocab())
     result = run("evaluate", "--checkpoint", tmp / "wide.pt", "--features", features_dir,
@@ -183,7 +183,7 @@ def test_ensembles_average_checkpoints_and_saved_score_matrices(setup):
     mixed = run("evaluate", "--sims", tmp / "model.npy", "--checkpoint", tmp / "other.pt", *common,
                 "--json", tmp / "mixed.json")
     assert mixed.exit_code == 0, mixed.output
-    from matching.evaluation import recall_metrics
+    from matching.retrieval.metrics import recall_metrics
 
     reported = json.loads((tmp / "mixed.json").read_text())
     assert reported["results"]["full"]["rsum"] == pytest.approx(recall_metrics(expected)["rsum"])
@@ -212,14 +212,14 @@ def test_save_sims_on_a_full_disk_leaves_no_empty_file(setup):
 
 
 def test_bugs_keep_their_traceback(setup, monkeypatch):
-    import matching.inference
+    import matching.retrieval.evaluate
 
     tmp, features_dir, *_ = setup
 
     def broken(*args, **kwargs):
         raise ValueError("a bug, not a user mistake")
 
-    monkeypatch.setattr(matching.inference, "evaluate_checkpoint", broken)
+    monkeypatch.setattr(matching.retrieval.evaluate, "evaluate_checkpoint", broken)
     result = run("evaluate", "--checkpoint", tmp / "model.pt", "--features", features_dir,
                  "--captions", tmp / "captions.tsv")
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)

@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from extract.shards import FeatureStore
-from matching.captions import Caption, CaptionFormatError
-from matching.data import EpochBatchSampler, PairDataset, build_pairs, collate_pairs
-from matching.text import Vocabulary
+from matching.data.captions import Caption, CaptionFormatError
+from matching.data.pairs import EpochBatchSampler, PairDataset, build_pairs, collate_pairs
+from matching.data.text import Vocabulary
 
 VOCAB = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "w"])
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from matching.config import Config
-from matching.model import build_model
-from matching.scoring import ImageArrays, score_matrix
-from matching.text import Vocabulary
-from matching.training import train
+from matching.data.text import Vocabulary
+from matching.model.tshsr import build_model
+from matching.retrieval.scoring import ImageArrays, score_matrix
+from matching.training.loop import train
 from tests.conftest import random_captions, random_images, toy_config
 
 GRADIENT_FREE = ("image_encoder.pool.global_proj.0.bias",  # followed by a batch norm…
@@ -97,9 +97,9 @@ def test_two_process_evaluation_equals_one(trained_toy, tmp_path):
 
 def test_two_processes_train_hmrn_like_one_with_the_global_batch(tmp_path):
     """The multi-query task under torchrun: each process's InfoNCE share sums to the global batch's loss."""
-    from matching.multiquery import score_rounds
-    from matching.multiquery_data import read_query_sets
-    from matching.vocabulary import build_vocabulary
+    from matching.data.queries import read_query_sets
+    from matching.data.vocabulary import build_vocabulary
+    from matching.model.hmrn import score_rounds
     from pipelines.synthetic import make_multiquery_scenes, write_multiquery_dataset
 
     features = write_multiquery_dataset(tmp_path / "f", make_multiquery_scenes(120, objects_per_scene=4, seed=3),
@@ -139,7 +139,7 @@ def test_two_processes_train_hmrn_like_one_with_the_global_batch(tmp_path):
     vocab = Vocabulary(one["vocab"])
     test = [[vocab.encode(q) for q in s.queries] for s in read_query_sets(queries, "test")]
     from extract.shards import FeatureStore
-    from matching.scoring import StoreImages
+    from matching.retrieval.scoring import StoreImages
 
     store = FeatureStore(features)
     images = StoreImages(store, [s.image_id for s in read_query_sets(queries, "test")])

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from matching.reasoning import HSRLayer, SGRLayer
-from matching.similarity import VectorSimilarity, attend_regions, attend_words, clipped_cosines
-from matching.tensors import l2norm
+from matching.model.reasoning import HSRLayer, SGRLayer
+from matching.model.similarity import VectorSimilarity, attend_regions, attend_words, clipped_cosines
+from matching.model.tensors import l2norm
 from tests.conftest import tiny_model
 from tests.reference import hsr_layer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from matching.evaluation import (
+from matching.retrieval.metrics import (
     METRIC_KEYS,
     evaluate_protocol,
     fold_metrics,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from matching.reasoning import HSRLayer, SGRLayer
-from matching.scoring import ImageArrays, ScoringProgress, pad_tokens, score_matrix
-from matching.similarity import attend_project, unit_attention
+from matching.model.reasoning import HSRLayer, SGRLayer
+from matching.model.similarity import attend_project, unit_attention
+from matching.retrieval.scoring import ImageArrays, ScoringProgress, pad_tokens, score_matrix
 from tests.conftest import random_captions, random_images, tiny_config, tiny_model
 from tests.reference import head_scores, reference_scores
 from tests.test_scoring import VARIANTS, edge_case_inputs
@@ -133,9 +133,9 @@ def test_bf16_recall_matches_float32(trained_toy):
     """bfloat16 matmuls (CPU autocast) rank like float32: recall within a point of float32's."""
     from extract.shards import FeatureStore
     from matching import checkpoint
-    from matching.captions import evaluation_set, read_captions
-    from matching.evaluation import recall_metrics
-    from matching.scoring import StoreImages
+    from matching.data.captions import evaluation_set, read_captions
+    from matching.retrieval.metrics import recall_metrics
+    from matching.retrieval.scoring import StoreImages
 
     features, captions_file, _, best, _ = trained_toy
     model, _, vocab = checkpoint.load(best)
@@ -198,9 +198,9 @@ def _peak_allocated(fn) -> int:
 @pytest.mark.parametrize("variant", ["tshsr", "sgr", "hsr-t2i", "no_reasoning"])
 def test_block_memory_estimate_bounds_the_real_peak(variant):
     """`bytes_per_pair` (which sizes the blocks of `score_matrix`) is an upper bound of the real peak, and close."""
-    from matching.encoders import Embedded
-    from matching.scoring import bytes_per_pair, chunk_bytes
-    from matching.tensors import l2norm
+    from matching.model.encoders import Embedded
+    from matching.model.tensors import l2norm
+    from matching.retrieval.scoring import bytes_per_pair, chunk_bytes
 
     model = tiny_model(seed=22, embed_size=128, sim_dim=64, **VARIANTS[variant])
     config, generator = tiny_config(embed_size=128, sim_dim=64, **VARIANTS[variant]), torch.Generator().manual_seed(0)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from matching.config import Config
-from matching.data import Batch
-from matching.first_stage import first_stage_loss
-from matching.model import build_model
-from matching.scoring import pad_tokens
-from matching.training import train_step
+from matching.data.pairs import Batch
+from matching.model.first_stage import first_stage_loss
+from matching.model.tshsr import build_model
+from matching.retrieval.scoring import pad_tokens
+from matching.training.loop import train_step
 from tests.conftest import random_captions, random_images, tiny_config
 
 
@@ -59,7 +59,7 @@ def test_a_step_with_the_head_gives_the_paper_model_the_same_gradients_and_weigh
 def test_a_training_run_with_the_head_trains_the_same_paper_model(toy, tmp_path):
     """Whole runs (data order, dropout, Adam, clipping, checkpoints) with and without the head: the paper
     model's weights after 12 steps are identical."""
-    from matching.training import train
+    from matching.training.loop import train
     from tests.conftest import toy_config
 
     features, captions, vocab = toy

@@ -54,9 +54,9 @@ def test_the_bag_of_words_ceiling_counts_look_alikes():
 
 @pytest.mark.slow
 def test_the_defaults_learn_the_binding_a_bag_of_words_cannot(tmp_path):
-    from matching.inference import evaluate_checkpoint
-    from matching.training import train
-    from matching.vocabulary import build_vocabulary
+    from matching.data.vocabulary import build_vocabulary
+    from matching.retrieval.evaluate import evaluate_checkpoint
+    from matching.training.loop import train
     from pipelines.synthetic import write_feature_dataset
 
     scenes = make_binding_scenes(1000, seed=0)
@@ -80,11 +80,11 @@ def test_the_defaults_learn_the_binding_a_bag_of_words_cannot(tmp_path):
 def test_the_default_step_optimises_the_papers_loss_alone():
     """The defaults add nothing to the paper's hinge: the logged loss is the hinge of the model's scores, and
     the paper model's gradients are that hinge's (the first-stage head learns from detached inputs)."""
-    from matching.data import Batch
-    from matching.loss import hardest_negative_loss
-    from matching.model import build_model
-    from matching.scoring import pad_tokens
-    from matching.training import train_step
+    from matching.data.pairs import Batch
+    from matching.model.tshsr import build_model
+    from matching.retrieval.scoring import pad_tokens
+    from matching.training.loop import train_step
+    from matching.training.loss import hardest_negative_loss
     from tests.conftest import random_captions, random_images, tiny_config
 
     features, num_boxes = random_images(6, 7, 24, seed=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from matching.loss import hardest_negative_loss
+from matching.training.loss import hardest_negative_loss
 
 SCORES = torch.tensor([[0.9, 0.5, 0.8],
                        [0.3, 0.6, 0.1],

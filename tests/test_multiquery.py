@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from matching.config import ConfigError
-from matching.multiquery import (
+from matching.data.queries import pad_query_sets
+from matching.model.hmrn import (
     MultiQueryConfig,
     MultiQuerySimilarities,
     build_hmrn,
@@ -21,8 +22,7 @@ from matching.multiquery import (
     round_weights,
     score_rounds,
 )
-from matching.multiquery_data import pad_query_sets
-from matching.scoring import ImageArrays
+from matching.retrieval.scoring import ImageArrays
 from tests.conftest import random_images, randomize_batchnorm
 from tests.reference_multiquery import (
     reference_info_nce,

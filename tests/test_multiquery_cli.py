@@ -66,7 +66,7 @@ def test_tasks_and_files_that_do_not_fit_are_refused(trained_multiquery, trained
 
 
 def test_search_ranks_images_for_queries_given_in_rounds(trained_multiquery, tmp_path):
-    from matching.multiquery_data import read_query_sets
+    from matching.data.queries import read_query_sets
 
     ckpt, features, queries = files(trained_multiquery)
     target = next(s for s in read_query_sets(queries, "test"))
@@ -84,9 +84,9 @@ def test_search_ranks_images_for_queries_given_in_rounds(trained_multiquery, tmp
 def test_serve_answers_a_multi_query_model_with_its_own_rounds(trained_multiquery):
     from fastapi.testclient import TestClient
 
-    from matching.inference import search
-    from matching.multiquery_data import read_query_sets
-    from matching.service import ROUNDS, SearchEngine
+    from matching.data.queries import read_query_sets
+    from matching.retrieval.evaluate import search
+    from matching.retrieval.search import ROUNDS, SearchEngine
     from pipelines.serve.app import create_app
 
     ckpt, features, queries = files(trained_multiquery)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from extract.drilldown import DrillDownError, import_drilldown_features, read_region_file
 from extract.shards import FeatureStore
-from matching.multiquery_data import (
+from matching.data.queries import (
     MultiQueryDataset,
     QueryFormatError,
     QuerySet,
@@ -25,7 +25,7 @@ from matching.multiquery_data import (
     read_query_sets,
     write_query_sets,
 )
-from matching.text import Vocabulary
+from matching.data.text import Vocabulary
 
 # --------------------------------------------------------------------------- the JSONL format
 

@@ -1,6 +1,6 @@
 """Learnability: on generated scenes where one query is ambiguous and the set is not, R@1 rises with the rounds.
 
-The multi-query demo runs the real chain (vocabulary from the query file, `matching.training.train`
+The multi-query demo runs the real chain (vocabulary from the query file, `matching.training.loop.train`
 with the multi-query task, `evaluate_checkpoint` per round) on 400 scenes of four objects from
 16 kinds; any one query fits about a quarter of the 40 test scenes, the four together one.
 """

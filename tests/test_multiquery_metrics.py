@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from matching.evaluation import format_round_table, round_chance, round_metrics, round_ranks
+from matching.retrieval.metrics import format_round_table, round_chance, round_metrics, round_ranks
 
 
 def test_round_metrics_by_hand_with_ties_against_the_query():

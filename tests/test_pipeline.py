@@ -66,7 +66,7 @@ def test_edited_settings_rerun_their_stage_and_typos_are_refused_before_any_work
     changed = next(line for line in lines if "starting" in line)
     assert "config.model.embed_size 64 → 48" in changed and "config.train.epochs 1 → 2" in changed, changed
     assert "up to date" not in logged["evaluate"]
-    from matching.rundir import RunDirectory
+    from matching.training.rundir import RunDirectory
 
     assert [int(r["epoch"]) for r in RunDirectory(spec.run_dir).read_metrics()] == [1, 2]
     for section, typo, message in (("vocab", {"treshold": 1}, "unknown vocab option(s): treshold"),
@@ -85,7 +85,7 @@ def test_edited_settings_rerun_their_stage_and_typos_are_refused_before_any_work
 
 
 def test_a_crash_in_training_is_resumed_by_running_again(tmp_path, monkeypatch):
-    import matching.training as training
+    import matching.training.loop as training
 
     features = write_feature_dataset(tmp_path / "f", make_scenes(80, seed=3), feature_dim=32, seed=3)
     spec = spec_for(tmp_path, features)

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from extract.shards import FeatureStore, ShardFormatError
-from matching.captions import CaptionFormatError, read_captions
-from matching.precomp import import_precomp
+from matching.data.captions import CaptionFormatError, read_captions
+from matching.importers.precomp import import_precomp
 from pipelines.cli import cli
 
 

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from matching import checkpoint
-from matching.rundir import RunDirectory, RunError, run_finished
-from matching.training import train
+from matching.training.loop import train
+from matching.training.rundir import RunDirectory, RunError, run_finished
 from pipelines.cli import cli
 from tests.conftest import toy_config
 from tests.smallfs import small_filesystem

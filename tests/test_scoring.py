@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from matching.scoring import ImageArrays, pad_tokens, score_matrix
+from matching.retrieval.scoring import ImageArrays, pad_tokens, score_matrix
 from tests.conftest import random_captions, random_images, tiny_config, tiny_model
 from tests.reference import reference_scores
 

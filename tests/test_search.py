@@ -7,8 +7,8 @@ from click.testing import CliRunner
 
 from extract.shards import FeatureStore
 from matching import checkpoint
-from matching.captions import group_by_image, read_captions
-from matching.inference import search_captions, search_images
+from matching.data.captions import group_by_image, read_captions
+from matching.retrieval.evaluate import search_captions, search_images
 from pipelines.cli import cli
 
 
@@ -91,7 +91,7 @@ def test_index_gives_the_same_ranking_and_refuses_another_model(trained_toy, tmp
 
 def test_search_errors_name_the_split_and_the_feature_sizes(trained_toy, tmp_path):
     from matching.config import Config
-    from matching.model import build_model
+    from matching.model.tshsr import build_model
     from tests.conftest import tiny_config
 
     features, captions, _, ckpt, _ = trained_toy
@@ -124,8 +124,8 @@ def test_words_outside_the_vocabulary_are_named(trained_toy):
 def test_open_index_builds_loads_and_refuses_stale_or_old_indexes(trained_toy, tmp_path):
     import torch
 
-    from matching.index import FORMAT, SearchIndexError, open_index
-    from matching.scoring import StoreImages, encode_images
+    from matching.retrieval.index import FORMAT, SearchIndexError, open_index
+    from matching.retrieval.scoring import StoreImages, encode_images
 
     features, _, _, ckpt, _ = trained_toy
     model, _, _ = checkpoint.load(ckpt)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from matching.captions import group_by_image, read_captions
-from matching.inference import search
-from matching.service import SearchEngine
+from matching.data.captions import group_by_image, read_captions
+from matching.retrieval.evaluate import search
+from matching.retrieval.search import SearchEngine
 from pipelines.serve.app import Limits, create_app
 from tests.conftest import TINY, random_images, tiny_config, tiny_model
 from tests.serve_helpers import free_port, start_server, stop_server
@@ -138,7 +138,7 @@ def write_gallery(root: Path, ids: list[str]) -> tuple[Path, Path, Path]:
     from extract.shards import RegionRecord, ShardWriter
     from matching import checkpoint
     from matching.config import Config
-    from matching.text import Vocabulary
+    from matching.data.text import Vocabulary
 
     features, num_boxes = random_images(len(ids), TINY["num_regions"], TINY["img_dim"], seed=5)
     writer = ShardWriter(root / "features", max_boxes=TINY["num_regions"], feature_dim=TINY["img_dim"],

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from matching import checkpoint
-from matching.captions import group_by_image, read_captions
-from matching.inference import search_images
+from matching.data.captions import group_by_image, read_captions
+from matching.retrieval.evaluate import search_images
 from tests.serve_helpers import free_port, start_server, stop_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from matching import checkpoint
 from matching.checkpoint import CheckpointError
-from matching.scoring import ImageArrays, score_matrix
-from matching.sgraf import import_sgraf
+from matching.importers.sgraf import import_sgraf
+from matching.retrieval.scoring import ImageArrays, score_matrix
 from tests.conftest import random_captions
 
 D, M, WORD, IMG, K, VOCAB, STEPS = 16, 8, 10, 24, 36, 30, 3
@@ -207,7 +207,7 @@ def test_wrong_vocab_saf_and_foreign_keys_are_clear_errors(tmp_path):
 
 def test_sgraf_shipped_vocabulary_layout_loads(tmp_path):
     """SGRAF's vocab JSON (idx2word keys as strings, word2idx, idx) loads and encodes with <start>/<end>."""
-    from matching.text import Vocabulary
+    from matching.data.text import Vocabulary
 
     write_vocab(tmp_path / "vocab.json")
     vocab = Vocabulary.load(tmp_path / "vocab.json")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from matching.scoring import ImageArrays, encode_images, pad_tokens, score_matrix
-from matching.shortlist import GlobalIndex, Shortlist, global_vectors, score_candidates, shortlist
+from matching.retrieval.scoring import ImageArrays, encode_images, pad_tokens, score_matrix
+from matching.retrieval.shortlist import GlobalIndex, Shortlist, global_vectors, score_candidates, shortlist
 from tests.conftest import random_captions, random_images, tiny_model
 from tests.test_scoring import VARIANTS
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from matching.text import Vocabulary, VocabularyError, tokenize
+from matching.data.text import Vocabulary, VocabularyError, tokenize
 from pipelines.cli import cli
 
 PINNED = {

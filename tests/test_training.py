@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from matching import checkpoint
 from matching.config import Config, ConfigError, resolve_config
-from matching.text import Vocabulary
-from matching.training import RunError, learning_rate, train
+from matching.data.text import Vocabulary
+from matching.training.loop import RunError, learning_rate, train
 from pipelines.cli import cli
 from tests.conftest import toy_config
 
@@ -65,8 +65,8 @@ def test_run_directory_rules(toy, tmp_path):
 
 
 def test_collapse_is_reported_once_with_the_runs_loss(toy, tmp_path, monkeypatch):
-    import matching.training as training
-    from matching.tasks import StepResult
+    import matching.training.loop as training
+    from matching.tasks.base import StepResult
 
     monkeypatch.setattr(training, "train_step", lambda *args, **kwargs: StepResult(9.6, 0.0))  # batch 24
     lines = []
@@ -82,7 +82,7 @@ def test_collapse_is_reported_once_with_the_runs_loss(toy, tmp_path, monkeypatch
 def test_the_collapse_warning_fits_the_loss_and_the_settings(situation):
     """The reason and the remedy follow the run: hardest negatives or the warm-up's sum over all of them,
     the collapsed value of that loss, the global loss when it is on."""
-    from matching.training import MatchingTask
+    from matching.training.loop import MatchingTask
 
     settings = {"hardest from the start": ({"warmup_epochs": 0}, 0, 2 * 32 * 0.2),
                 "after the warm-up": ({"warmup_epochs": 1}, 3, 2 * 32 * 0.2),

@@ -11,12 +11,12 @@ from click.testing import CliRunner
 
 from matching import checkpoint
 from matching.config import Config
-from matching.data import Batch
-from matching.inference import evaluate_checkpoint, search
-from matching.loss import hardest_negative_loss
-from matching.scoring import ImageArrays, score_matrix
-from matching.shortlist import joint_vectors, two_stage_metrics
-from matching.training import train_step
+from matching.data.pairs import Batch
+from matching.retrieval.evaluate import evaluate_checkpoint, search
+from matching.retrieval.scoring import ImageArrays, score_matrix
+from matching.retrieval.shortlist import joint_vectors, two_stage_metrics
+from matching.training.loop import train_step
+from matching.training.loss import hardest_negative_loss
 from pipelines.cli import cli
 from tests.conftest import SMALL_MODEL, random_captions, random_images, tiny_config, tiny_model
 
@@ -25,8 +25,8 @@ from tests.conftest import SMALL_MODEL, random_captions, random_images, tiny_con
 def trained_two_stage(tmp_path_factory):
     """A small model trained with the defaults (its first-stage head beside it) on 150 generated scenes
     (16 epochs, ~40 s)."""
-    from matching.training import train
-    from matching.vocabulary import build_vocabulary
+    from matching.data.vocabulary import build_vocabulary
+    from matching.training.loop import train
     from pipelines.synthetic import make_scenes, write_feature_dataset
 
     root = tmp_path_factory.mktemp("two_stage")
@@ -79,7 +79,7 @@ def test_a_shortlist_of_the_whole_gallery_is_exact_scoring():
     model = tiny_model(seed=1)
     images, captions = pairs_dataset()
     results, report = two_stage_metrics([model], images, [captions], k=12, protocol="full", captions_per_image=2)
-    from matching.evaluation import recall_metrics
+    from matching.retrieval.metrics import recall_metrics
 
     exact = recall_metrics(score_matrix(model, images, captions), 2)
     assert {key: results["full"][key] for key in exact} == pytest.approx(exact)
@@ -94,7 +94,7 @@ def test_a_shortlist_of_one_image_ranks_it_first_and_the_rest_after_it():
     images, captions = pairs_dataset(seed=3)
     results, report = two_stage_metrics([model], images, [captions], k=1, protocol="full", captions_per_image=2)
     with torch.inference_mode():
-        from matching.scoring import encode_images, pad_tokens
+        from matching.retrieval.scoring import encode_images, pad_tokens
 
         image_vectors = model.image_vectors(encode_images(model, images, torch.device("cpu")))
         caption_vectors = model.caption_vectors(model.encode_captions(*pad_tokens(captions)))
@@ -107,7 +107,7 @@ def test_a_shortlist_of_one_image_ranks_it_first_and_the_rest_after_it():
 
 
 def test_folds_are_shortlisted_in_their_own_gallery():
-    from matching.evaluation import protocol_galleries
+    from matching.retrieval.metrics import protocol_galleries
 
     galleries = protocol_galleries(5000, "all", 5)
     assert [len(parts) for parts in galleries.values()] == [5, 1]
@@ -125,7 +125,7 @@ def test_an_ensemble_shortlists_by_the_mean_of_its_cosines():
 
 def test_the_global_loss_adds_the_same_hinge_on_the_global_cosines():
     images, captions = pairs_dataset(n_images=6, cpi=1, seed=6)
-    from matching.scoring import pad_tokens
+    from matching.retrieval.scoring import pad_tokens
 
     tokens, lengths = pad_tokens(captions)
     batch = Batch(torch.from_numpy(images.features), torch.from_numpy(images.num_boxes), tokens, lengths,
@@ -158,7 +158,7 @@ def test_checkpoints_keep_the_meaning_of_fields_added_after_them():
 
 
 def test_shortlist_refuses_what_it_cannot_do(trained_multiquery, trained_two_stage, tmp_path):
-    from matching.evaluation import MetricsError
+    from matching.retrieval.metrics import MetricsError
 
     mq = trained_multiquery
     queries = mq["features"] / "queries.jsonl"
@@ -173,10 +173,10 @@ def test_shortlist_refuses_what_it_cannot_do(trained_multiquery, trained_two_sta
 
 def test_two_stage_search_re_ranks_the_nearest_images_with_their_exact_scores(trained_two_stage):
     from extract.shards import FeatureStore
-    from matching.captions import read_captions
-    from matching.inference import encode_query
-    from matching.scoring import StoreImages, encode_images
-    from matching.shortlist import global_vectors, rerank_images
+    from matching.data.captions import read_captions
+    from matching.retrieval.evaluate import encode_query
+    from matching.retrieval.scoring import StoreImages, encode_images
+    from matching.retrieval.shortlist import global_vectors, rerank_images
 
     features, captions, path = trained_two_stage
     model, _, vocab = checkpoint.load(path)
@@ -209,7 +209,7 @@ def test_two_stage_search_re_ranks_the_nearest_images_with_their_exact_scores(tr
 
 
 def pad(tokens):
-    from matching.scoring import pad_tokens
+    from matching.retrieval.scoring import pad_tokens
 
     return pad_tokens(tokens)
 
@@ -217,7 +217,7 @@ def pad(tokens):
 def test_search_and_serve_commands_take_a_shortlist(trained_two_stage):
     from fastapi.testclient import TestClient
 
-    from matching.service import SearchEngine
+    from matching.retrieval.search import SearchEngine
     from pipelines.serve.app import create_app
 
     features, captions, path = trained_two_stage
@@ -250,8 +250,8 @@ def test_a_model_without_a_trained_first_stage_is_never_shortlisted(trained_two_
     """No head and no global loss (an SGRAF import, or model.first_stage_dim 0): --shortlist is refused in one
     line, search and serve score every image by default. A model of an older run trained with the global
     loss (no head) still shortlists by its v̄, t̄."""
-    from matching.service import SearchEngine
-    from matching.shortlist import SEARCH_SHORTLIST, NoFirstStageError, default_search_shortlist
+    from matching.retrieval.search import SearchEngine
+    from matching.retrieval.shortlist import SEARCH_SHORTLIST, NoFirstStageError, default_search_shortlist
 
     features, captions, path = trained_two_stage
     model, config, vocab = checkpoint.load(path)

@@ -5,5 +5,5 @@
 - `images.py`: image files found by gallery id only, thumbnails;
 - `static/`: the page (plain HTML, CSS and JS, no build step).
 
-The model-facing part is `matching.service.SearchEngine`. Nothing heavy is imported here.
+The model-facing part is `matching.retrieval.search.SearchEngine`. Nothing heavy is imported here.
 """

@@ -36,9 +36,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, StringConstraints
 
-from matching.inference import QueryError
-from matching.service import ImageHit, SearchEngine, UnknownImageError
-from matching.shortlist import SEARCH_SHORTLIST
+from matching.retrieval.evaluate import QueryError
+from matching.retrieval.search import ImageHit, SearchEngine, UnknownImageError
+from matching.retrieval.shortlist import SEARCH_SHORTLIST
 from pipelines.serve.images import ImageFiles
 from pipelines.serve.worker import ModelWorker, WorkerBusy, WorkerStopped
 

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from extract.shards import FeatureStore
-from matching.captions import Caption, CaptionFormatError, group_by_image, resolve_image_ids
-from matching.text import Vocabulary
+from matching.data.captions import Caption, CaptionFormatError, group_by_image, resolve_image_ids
+from matching.data.text import Vocabulary
 
 
 @dataclass

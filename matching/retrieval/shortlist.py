@@ -1,7 +1,7 @@
 """Two-stage retrieval for large galleries: a global-embedding shortlist, then exact re-scoring.
 
 Stage one ranks by the cosine of one vector per image and per caption, the first
-stage's (`first_stage_vectors`: the model's first-stage head, `matching.first_stage`,
+stage's (`first_stage_vectors`: the model's first-stage head, `matching.model.first_stage`,
 or for an older model trained with the global loss its v̄ and t̄), with faiss: an
 exact inner-product index on l2-normalised float32 vectors by
 default (`IndexFlatIP`), an inverted-file (`ivf`) or HNSW graph (`hnsw`) index
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from matching.config import INDEX_KINDS, SEARCH_SHORTLIST
-from matching.encoders import Embedded
-from matching.model import TSHSR
-from matching.scoring import (
+from matching.model.encoders import Embedded
+from matching.model.tshsr import TSHSR
+from matching.retrieval.scoring import (
     CPU_BLOCK_PAIRS,
     ImageSource,
     encode_captions,
@@ -359,8 +359,8 @@ def two_stage_metrics(
         tokens: the captions' token ids for each model (its own vocabulary).
     Returns: ({protocol name: metrics as `evaluate_protocol` gives them}, {protocol name: ShortlistReport}).
     """
-    from matching.evaluation import mean_of_folds, protocol_galleries, recall_metrics
-    from matching.scoring import ScoringProgress
+    from matching.retrieval.metrics import mean_of_folds, protocol_galleries, recall_metrics
+    from matching.retrieval.scoring import ScoringProgress
 
     if k < 1:
         raise ValueError(f"the shortlist needs k ≥ 1, not {k}")

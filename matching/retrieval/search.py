@@ -1,8 +1,8 @@
 """A search engine that stays loaded: the model, the encoded gallery and the caption gallery, once.
 
-`search` (matching.inference) loads everything for one query; a server answers many. The
+`search` (matching.retrieval.evaluate) loads everything for one query; a server answers many. The
 `SearchEngine` loads the checkpoint and the feature store once, encodes the gallery once (or
-takes it from a search index, `matching.index.open_index`) and the caption gallery once (within
+takes it from a search index, `matching.retrieval.index.open_index`) and the caption gallery once (within
 a memory budget), then answers:
 
 - `search_text(query, k)`: text → images, with the regions the words attend to;
@@ -32,13 +32,14 @@ import torch
 
 from extract.shards import FeatureStore
 from matching import checkpoint
-from matching.captions import Caption, resolve_image_ids
-from matching.encoders import Embedded
-from matching.inference import Hit, QueryError, check_features, encode_query, gallery_of, search_query_set
-from matching.model import TSHSR
-from matching.multiquery import HMRN
-from matching.scoring import StoreImages, encode_captions, encode_images, score_matrix
-from matching.shortlist import (
+from matching.data.captions import Caption, resolve_image_ids
+from matching.data.text import Vocabulary
+from matching.model.encoders import Embedded
+from matching.model.hmrn import HMRN
+from matching.model.tshsr import TSHSR
+from matching.retrieval.evaluate import Hit, QueryError, check_features, encode_query, gallery_of, search_query_set
+from matching.retrieval.scoring import StoreImages, encode_captions, encode_images, score_matrix
+from matching.retrieval.shortlist import (
     SEARCH_SHORTLIST,
     CaptionGroups,
     default_search_shortlist,
@@ -48,7 +49,6 @@ from matching.shortlist import (
     require_first_stage,
     rerank_images,
 )
-from matching.text import Vocabulary
 
 MEAN_OF_QUERIES = "mean"  # search_queries ranks by the mean of the queries' scores
 ROUNDS = "rounds"  # a multi-query checkpoint ranks by its own score after each round (HMRN)
@@ -94,7 +94,7 @@ class ExactRanker:
 
 class ShortlistRanker:
     """Two-stage: the `shortlist` images nearest by first-stage cosine (to each query and to their mean),
-    re-scored by the full model (`matching.shortlist.rerank_images`). The gallery's first-stage vectors
+    re-scored by the full model (`matching.retrieval.shortlist.rerank_images`). The gallery's first-stage vectors
     are computed once, here."""
 
     name = "shortlist"
@@ -210,11 +210,11 @@ class SearchEngine:
         the caption gallery of `image_captions`. `index_path` loads (or builds) the encoded
         gallery from a search index; without it the gallery is encoded in memory. `ranker`: a
         name in `RANKERS`, or "auto": "shortlist" for a model with a trained first stage
-        (`matching.shortlist.has_first_stage`) and a gallery larger than `shortlist`, else "exact".
+        (`matching.retrieval.shortlist.has_first_stage`) and a gallery larger than `shortlist`, else "exact".
         QueryError, CheckpointError, ShardFormatError, SearchIndexError … for input that cannot serve.
         """
         from extract.runtime import resolve_device
-        from matching.index import open_index
+        from matching.retrieval.index import open_index
 
         started = time.perf_counter()
         if split and captions is None:
@@ -326,9 +326,9 @@ class SearchEngine:
     def region_weights(self, positions: np.ndarray, tokens: list[int], caption: Embedded | None = None) -> np.ndarray:
         """How much a caption's words attend to each region of already-encoded gallery images:
         Eq. 2's α averaged over the words, (n, K) (padded regions 0), as
-        `matching.inference.attended_regions` computes it for one image from its features.
+        `matching.retrieval.evaluate.attended_regions` computes it for one image from its features.
         `caption`: the caption as the model encoded it (1, L, d), when the ranker kept it."""
-        from matching.similarity import clipped_cosines, region_attention
+        from matching.model.similarity import clipped_cosines, region_attention
 
         index = torch.as_tensor(np.asarray(positions, np.int64), device=self.device)
         with torch.inference_mode():

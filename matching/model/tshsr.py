@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from matching.config import ConfigError, ModelConfig, MultiQueryConfig
-from matching.encoders import Embedded, ImageEncoder, TextEncoder
-from matching.first_stage import FirstStageHead
-from matching.reasoning import build_reasoning
-from matching.similarity import SimilarityHead
+from matching.model.encoders import Embedded, ImageEncoder, TextEncoder
+from matching.model.first_stage import FirstStageHead
+from matching.model.reasoning import build_reasoning
+from matching.model.similarity import SimilarityHead
 
 
 class TSHSR(nn.Module):
@@ -17,7 +17,7 @@ class TSHSR(nn.Module):
     Images and captions are encoded once (`encode_images`, `encode_captions`);
     `pair_scores` scores every image against every caption of two encoded
     blocks. `forward` does all three for a training batch. `first_stage`, when
-    given, is the shortlist's head (`matching.first_stage`): outside the paper's
+    given, is the shortlist's head (`matching.model.first_stage`): outside the paper's
     model, it reads the encoders' outputs and gives them nothing back.
     """
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from matching.tensors import xavier_init_
+from matching.model.tensors import xavier_init_
 
 
 def _fold(first: nn.Linear, second: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -5,7 +5,7 @@
 - `gather_embedded` all-gathers a batch's embeddings with gradients flowing
   back to their owners, so the hardest-negative loss sees the global batch.
 - batch normalisation uses the global batch's statistics by itself
-  (`matching.batchnorm.MaskedBatchNorm1d`), so N processes × batch B
+  (`matching.model.batchnorm.MaskedBatchNorm1d`), so N processes × batch B
   compute what one process computes on batch N·B.
 - `GlobalBatchScores` is the module DistributedDataParallel wraps.
 """
@@ -22,10 +22,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from extract.runtime import Launch, resolve_device
-from matching.collectives import all_gather
-from matching.encoders import Embedded
-from matching.model import TSHSR
-from matching.scoring import ImageSource, SlicedImages, score_matrix
+from matching.model.collectives import all_gather
+from matching.model.encoders import Embedded
+from matching.model.tshsr import TSHSR
+from matching.retrieval.scoring import ImageSource, SlicedImages, score_matrix
 
 
 def setup(device: str) -> tuple[Launch, torch.device]:

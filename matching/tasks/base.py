@@ -1,9 +1,9 @@
-"""What a training task supplies to the one training loop of `matching.training`.
+"""What a training task supplies to the one training loop of `matching.training.loop`.
 
 Two tasks share the loop (run directory, resume, checkpoints, signals, logs, DDP, collapse
-detection): ``matching`` (one caption ↔ one image: TSHSR, HSR, SGR; `matching.training.MatchingTask`)
+detection): ``matching`` (one caption ↔ one image: TSHSR, HSR, SGR; `matching.training.loop.MatchingTask`)
 and ``multi-query`` (several region queries → one image: HMRN;
-`matching.multiquery_training.MultiQueryTask`). A task says how to read its data, build its
+`matching.tasks.multiquery.MultiQueryTask`). A task says how to read its data, build its
 network, cut an epoch into batches, take one optimizer step and validate; the loop does the rest.
 """
 
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from extract.runtime import Launch
 from extract.shards import FeatureStore
 from matching.config import Config
-from matching.text import Vocabulary
+from matching.data.text import Vocabulary
 
 COLLAPSE_SPREAD = 1e-4  # score std below this across a batch means every pair scores the same
 COLLAPSE_STEPS = 20  # consecutive collapsed steps before the warning

@@ -22,8 +22,8 @@ import torch
 from matching import checkpoint
 from matching.checkpoint import CheckpointError
 from matching.config import Config, ModelConfig
-from matching.model import build_model
-from matching.text import Vocabulary
+from matching.data.text import Vocabulary
+from matching.model.tshsr import build_model
 
 # SGRAF name (regex on the key inside its state dict) → our name; \1 carries indices.
 _KEY_MAP = {

@@ -35,7 +35,7 @@ from extract.shards import (
     adopt_orphan_shards,
     remove_stale_partials,
 )
-from matching.captions import CaptionFormatError
+from matching.data.captions import CaptionFormatError
 
 SPLITS = ("train", "dev", "test", "testall")
 SPLIT_NAMES = {"dev": "val"}

@@ -61,13 +61,13 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from matching.config import ROUND_WEIGHTS, MultiQueryConfig
-from matching.encoders import Embedded, ImageEncoder, TextEncoder
-from matching.model import build_encoders
-from matching.multiquery_data import pad_query_sets
-from matching.reasoning import SGRLayer
-from matching.scoring import ImageSource, default_budget, encode_images
-from matching.similarity import VectorSimilarity, attend_regions, clipped_cosines
-from matching.tensors import l2norm, masked_softmax, xavier_init_
+from matching.data.queries import pad_query_sets
+from matching.model.encoders import Embedded, ImageEncoder, TextEncoder
+from matching.model.reasoning import SGRLayer
+from matching.model.similarity import VectorSimilarity, attend_regions, clipped_cosines
+from matching.model.tensors import l2norm, masked_softmax, xavier_init_
+from matching.model.tshsr import build_encoders
+from matching.retrieval.scoring import ImageSource, default_budget, encode_images
 
 # --------------------------------------------------------------------------- the pieces
 
@@ -386,7 +386,7 @@ def score_rounds(
 
     Args:
         model: the network; put in eval mode for the call and restored after.
-        images: region features (`matching.scoring.ImageArrays`, `StoreImages`, any
+        images: region features (`matching.retrieval.scoring.ImageArrays`, `StoreImages`, any
             `ImageSource`), or images already encoded by this model (an `Embedded`).
         query_sets: per set, its queries' token ids (with <start>/<end>) in round order.
         rounds: R (default: the most queries of a set); a set keeps its first R queries.

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from matching.batchnorm import MaskedBatchNorm1d
-from matching.tensors import l2norm, length_mask, masked_mean, masked_softmax, xavier_init_
+from matching.model.batchnorm import MaskedBatchNorm1d
+from matching.model.tensors import l2norm, length_mask, masked_mean, masked_softmax, xavier_init_
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Autograd-aware collectives of torch.distributed, for the modules that need the global batch.
 
-A leaf module (imported by the batch norm and by `matching.distributed`): it needs only torch.
+A leaf module (imported by the batch norm and by `matching.training.distributed`): it needs only torch.
 Outside torchrun (no process group) every function is the identity of one process.
 """
 

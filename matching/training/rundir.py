@@ -10,7 +10,7 @@
     events.*             TensorBoard scalars
     .lock                held while a process trains here (host:pid)
 
-`matching.training` writes it; `pipelines.run` asks `run_finished`; `tshsr-pipe report`
+`matching.training.loop` writes it; `pipelines.run` asks `run_finished`; `tshsr-pipe report`
 reads `read_metrics`. Nobody else spells these names.
 """
 

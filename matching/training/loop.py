@@ -1,4 +1,4 @@
-"""Training: features + captions + vocabulary → a run directory (DESIGN §5.9; files in `matching.rundir`).
+"""Training: features + captions + vocabulary → a run directory (DESIGN §5.9; files in `matching.training.rundir`).
 
 `train` is the one entry point (the `train` command, the pipeline's train stage and the
 tests call it):
@@ -41,18 +41,26 @@ from torch.utils.data import DataLoader
 from extract.runtime import Launch, StopSignals, interactive, progress_bar
 from extract.shards import FeatureStore
 from matching import checkpoint
-from matching.captions import evaluation_set, read_captions, read_split
 from matching.config import RESUMABLE, Config, apply_settings, settings_differences
-from matching.data import Batch, EpochBatchSampler, PairDataset, build_pairs, collate_pairs
-from matching.distributed import GlobalBatchScores, agree, gather_rows, rng_states, score_matrix_ranks, setup, teardown
-from matching.evaluation import recall_metrics
-from matching.first_stage import first_stage_loss, info_nce_rows
-from matching.loss import hardest_negative_loss, hinge_rows
-from matching.model import TSHSR, build_model
-from matching.rundir import RECALL_FIELDS, RunDirectory, RunError
-from matching.scoring import StoreImages
-from matching.tasks import COLLAPSE_SPREAD, COLLAPSE_STEPS, StepResult, TrainingData, TrainingTask
-from matching.text import Vocabulary
+from matching.data.captions import evaluation_set, read_captions, read_split
+from matching.data.pairs import Batch, EpochBatchSampler, PairDataset, build_pairs, collate_pairs
+from matching.data.text import Vocabulary
+from matching.model.first_stage import first_stage_loss, info_nce_rows
+from matching.model.tshsr import TSHSR, build_model
+from matching.retrieval.metrics import recall_metrics
+from matching.retrieval.scoring import StoreImages
+from matching.tasks.base import COLLAPSE_SPREAD, COLLAPSE_STEPS, StepResult, TrainingData, TrainingTask
+from matching.training.distributed import (
+    GlobalBatchScores,
+    agree,
+    gather_rows,
+    rng_states,
+    score_matrix_ranks,
+    setup,
+    teardown,
+)
+from matching.training.loss import hardest_negative_loss, hinge_rows
+from matching.training.rundir import RECALL_FIELDS, RunDirectory, RunError
 
 __all__ = ["RunError", "TrainResult", "learning_rate", "train", "train_step"]
 
@@ -116,7 +124,7 @@ def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, con
     against its captions, so the hardest negatives are sought in the whole global batch;
     the per-rank losses sum to the single-process loss of that batch. With
     `train.global_loss_weight` > 0 the same hinge on the global vectors' cosines is added.
-    The first-stage head (`matching.first_stage`) learns from detached inputs, under its own
+    The first-stage head (`matching.model.first_stage`) learns from detached inputs, under its own
     loss and its own gradient clipping: the paper model's step is the same with or without it.
     """
     features = batch.features.to(device, non_blocking=True)
@@ -303,7 +311,7 @@ def validate(model: TSHSR, data: TrainingData, config: Config, device: torch.dev
 def task_for(name: str) -> TrainingTask:
     """The training task of a config's `task`."""
     if name == "multi-query":
-        from matching.multiquery_training import MultiQueryTask
+        from matching.tasks.multiquery import MultiQueryTask
 
         return MultiQueryTask()
     return MatchingTask()

@@ -1,4 +1,4 @@
-"""Training HMRN in the one training loop of `matching.training` (the ``multi-query`` task).
+"""Training HMRN in the one training loop of `matching.training.loop` (the ``multi-query`` task).
 
 The loop brings the run directory, resume, checkpoints, signals, logs, collapse detection and
 DistributedDataParallel; this module brings the data (query sets, `max_turns` queries drawn per
@@ -29,10 +29,7 @@ from torch import Tensor, nn
 from extract.runtime import Launch
 from extract.shards import FeatureStore
 from matching.config import Config
-from matching.distributed import gather_embedded, gather_rows, images_split_among_ranks
-from matching.evaluation import round_metrics
-from matching.multiquery import HMRN, MultiQuerySimilarities, build_hmrn, multiquery_loss_part, score_rounds
-from matching.multiquery_data import (
+from matching.data.queries import (
     MultiQueryDataset,
     QuerySetBatch,
     QuerySetBatchSampler,
@@ -41,9 +38,12 @@ from matching.multiquery_data import (
     read_query_sets,
     read_query_split,
 )
-from matching.scoring import StoreImages
-from matching.tasks import COLLAPSE_STEPS, StepResult, TrainingData
-from matching.text import Vocabulary
+from matching.data.text import Vocabulary
+from matching.model.hmrn import HMRN, MultiQuerySimilarities, build_hmrn, multiquery_loss_part, score_rounds
+from matching.retrieval.metrics import round_metrics
+from matching.retrieval.scoring import StoreImages
+from matching.tasks.base import COLLAPSE_STEPS, StepResult, TrainingData
+from matching.training.distributed import gather_embedded, gather_rows, images_split_among_ranks
 
 
 class GlobalBatchSimilarities(nn.Module):

@@ -15,13 +15,13 @@ import torch
 from extract.safeio import atomic_write, write_json
 from extract.shards import FeatureStore, ShardFormatError
 from matching import checkpoint
-from matching.captions import evaluation_set, read_captions, read_split, resolve_image_ids
-from matching.encoders import Embedded
-from matching.evaluation import MetricsError, evaluate_protocol, protocol_names
-from matching.model import TSHSR
-from matching.scoring import StoreImages, encode_images, score_matrix
-from matching.shortlist import default_search_shortlist, require_first_stage, rerank_images
-from matching.text import Vocabulary, VocabularyError, tokenize
+from matching.data.captions import evaluation_set, read_captions, read_split, resolve_image_ids
+from matching.data.text import Vocabulary, VocabularyError, tokenize
+from matching.model.encoders import Embedded
+from matching.model.tshsr import TSHSR
+from matching.retrieval.metrics import MetricsError, evaluate_protocol, protocol_names
+from matching.retrieval.scoring import StoreImages, encode_images, score_matrix
+from matching.retrieval.shortlist import default_search_shortlist, require_first_stage, rerank_images
 
 
 @dataclass
@@ -50,7 +50,7 @@ class EvaluationResult:
 
     def table(self) -> str:
         """The metrics as the command prints them (with chance level for the rounds)."""
-        from matching.evaluation import format_round_table, format_table, round_chance
+        from matching.retrieval.metrics import format_round_table, format_table, round_chance
 
         if self.task == "multi-query":
             return format_round_table(self.results, round_chance(len(self.image_ids)))
@@ -138,15 +138,15 @@ def evaluate_checkpoint(
     concern the matching task only. Under torchrun the images are shared among the ranks and
     every rank gets the same result.
 
-    `shortlist` = K evaluates matching models by two-stage retrieval (`matching.shortlist`):
+    `shortlist` = K evaluates matching models by two-stage retrieval (`matching.retrieval.shortlist`):
     each caption re-ranks its K best images by first-stage cosine, each image its cpi·K best
     captions; the result then has no score matrix, and a `ShortlistReport` per protocol. A model
     without a trained first stage is refused (`NoFirstStageError`). `log`
     gets a progress line with the ETA every 30 s when no progress bar is shown.
     """
     from extract.runtime import Launch, resolve_device
-    from matching.distributed import images_split_among_ranks, score_matrix_ranks, setup, teardown
-    from matching.multiquery_data import is_query_file
+    from matching.data.queries import is_query_file
+    from matching.training.distributed import images_split_among_ranks, score_matrix_ranks, setup, teardown
 
     checkpoints = [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
     if not checkpoints and not sims_files:
@@ -160,8 +160,8 @@ def evaluate_checkpoint(
     for path, (_, config, _) in zip(checkpoints, loaded, strict=True):
         check_features(store, config.model.img_dim, config.model.num_regions, path)
     if task == "multi-query":
-        from matching.multiquery import score_rounds
-        from matching.multiquery_data import read_query_sets, read_query_split, set_images
+        from matching.data.queries import read_query_sets, read_query_split, set_images
+        from matching.model.hmrn import score_rounds
 
         sets = read_query_split(captions, split, "evaluation") if split else read_query_sets(captions)
         # Rounds: the models' max_turns (HMRN: 10), or those of the saved score matrices.
@@ -185,7 +185,7 @@ def evaluate_checkpoint(
                                "score matrices (--sims)")
         if Launch.from_env().world_size > 1:
             raise MetricsError("--shortlist runs in one process; start evaluate without torchrun")
-        from matching.shortlist import require_first_stage, two_stage_metrics
+        from matching.retrieval.shortlist import require_first_stage, two_stage_metrics
 
         for path, (_, config, _) in zip(checkpoints, loaded, strict=True):
             require_first_stage(config, path)
@@ -220,7 +220,7 @@ def evaluate_checkpoint(
     sims = _mean(matrices)
     sources = [str(p) for p in sims_files] + [str(p) for p in checkpoints]
     if task == "multi-query":
-        from matching.evaluation import round_metrics
+        from matching.retrieval.metrics import round_metrics
 
         return EvaluationResult(round_metrics(sims), sims, image_ids, count, split, sources, task)
     return EvaluationResult(evaluate_protocol(sims, protocol, captions_per_image), sims, image_ids, count,
@@ -283,7 +283,7 @@ def attended_regions(model: TSHSR, store: FeatureStore, image_id: str, tokens: l
     """The regions the caption's words attend to most (Eq. 2's α averaged over the words), strongest first."""
     import torch
 
-    from matching.similarity import clipped_cosines, region_attention
+    from matching.model.similarity import clipped_cosines, region_attention
 
     features, boxes, k, _ = store.get(image_id)
     with torch.inference_mode():
@@ -303,7 +303,7 @@ def search_images(model: TSHSR, vocab: Vocabulary, store: FeatureStore, text: st
     """The gallery's `k` best images for a text, best first (`encoded`: the gallery from an index).
 
     `shortlist` > 0: two-stage search, the full model scores only the `max(shortlist, k)` images
-    nearest to the text by first-stage cosine (`matching.shortlist.rerank_images`); 0 scores every image.
+    nearest to the text by first-stage cosine (`matching.retrieval.shortlist.rerank_images`); 0 scores every image.
     """
     tokens, _ = encode_query(vocab, text)
     gallery = image_ids if image_ids is not None else store.image_ids
@@ -333,8 +333,8 @@ def query_regions(model: Any, store: FeatureStore, image_id: str, query_tokens: 
     averaged over the queries), strongest first."""
     import torch
 
-    from matching.multiquery_data import pad_query_sets
-    from matching.similarity import clipped_cosines, region_attention
+    from matching.data.queries import pad_query_sets
+    from matching.model.similarity import clipped_cosines, region_attention
 
     features, boxes, k, _ = store.get(image_id)
     with torch.inference_mode():
@@ -354,7 +354,7 @@ def search_query_set(model: Any, vocab: Vocabulary, store: FeatureStore, texts: 
                      with_regions: bool = False, encoded: Embedded | None = None) -> tuple[list[Hit], list[str]]:
     """A multi-query model's `k` best images for queries given in rounds (ranked after the last round), with
     each hit's rank after every round; and the query words outside the vocabulary."""
-    from matching.multiquery import score_rounds
+    from matching.model.hmrn import score_rounds
 
     encoded_queries = [encode_query(vocab, text) for text in texts]
     tokens = [ids for ids, _ in encoded_queries]
@@ -374,7 +374,7 @@ def search_query_set(model: Any, vocab: Vocabulary, store: FeatureStore, texts: 
 
 def search_captions(model: TSHSR, vocab: Vocabulary, store: FeatureStore, image_id: str,
                     captions: list, *, k: int = 10, device: str = "cpu", batch_size: int = 128) -> list[Hit]:
-    """The `k` captions (matching.captions.Caption objects) that best describe an image, best first."""
+    """The `k` captions (matching.data.captions.Caption objects) that best describe an image, best first."""
     resolved = resolve_image_ids([image_id], store.image_ids)
     if image_id not in resolved:
         raise QueryError(f"image {image_id!r} is not in {store.directory}")
@@ -421,13 +421,13 @@ def search(
 
     `captions` + `split` limit a text search to the images of that split (a caption file, or a
     multi-query JSONL file); `index_path` keeps the gallery encoded by the model between searches
-    (`matching.index.open_index`). `shortlist`: a text search re-ranks only that many images
+    (`matching.retrieval.index.open_index`). `shortlist`: a text search re-ranks only that many images
     nearest by first-stage cosine (0: every image; default: `SEARCH_SHORTLIST` for a model with a
     trained first stage, else 0; asked of a model without one, `NoFirstStageError`). QueryError,
     CaptionFormatError, ShardFormatError … for input that cannot be answered.
     """
     from extract.runtime import resolve_device
-    from matching.index import open_index
+    from matching.retrieval.index import open_index
 
     texts = [query] if isinstance(query, str) else list(query or [])
     if bool(texts) == (image_id is not None):
@@ -478,7 +478,7 @@ def search(
 
 def gallery_of(data_file: str | os.PathLike, split: str | None) -> tuple[set[str], list]:
     """(the image ids of a caption or query-set file's split, its captions (none for query sets))."""
-    from matching.multiquery_data import is_query_file, read_query_sets, read_query_split
+    from matching.data.queries import is_query_file, read_query_sets, read_query_split
 
     if is_query_file(data_file):
         sets = read_query_split(data_file, split, "search") if split else read_query_sets(data_file)

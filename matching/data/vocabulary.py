@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from matching.captions import read_split
-from matching.multiquery_data import is_query_file, read_query_split
-from matching.text import Vocabulary, VocabularyError
+from matching.data.captions import read_split
+from matching.data.queries import is_query_file, read_query_split
+from matching.data.text import Vocabulary, VocabularyError
 
 
 def build_vocabulary(captions: str | os.PathLike, out: str | os.PathLike, *,

@@ -26,9 +26,9 @@ import torch
 
 from extract.safeio import atomic_write, sha256_file
 from extract.shards import FeatureStore
-from matching.encoders import Embedded
-from matching.model import TSHSR
-from matching.scoring import StoreImages, encode_images
+from matching.model.encoders import Embedded
+from matching.model.tshsr import TSHSR
+from matching.retrieval.scoring import StoreImages, encode_images
 
 FORMAT = "tshsr-pipe-index"
 FORMAT_VERSION = 2

@@ -1,6 +1,6 @@
 """The first stage of two-stage retrieval: global vectors trained beside the paper's model, never into it.
 
-Two-stage retrieval (`matching.shortlist`) ranks a gallery by the cosine of one vector per
+Two-stage retrieval (`matching.retrieval.shortlist`) ranks a gallery by the cosine of one vector per
 image and one per caption, then re-scores the best few with the full model. The vectors come
 from `FirstStageHead`, a small projection head on the encoders' outputs:
 
@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from matching.encoders import Embedded
-from matching.tensors import l2norm, masked_softmax
+from matching.model.encoders import Embedded
+from matching.model.tensors import l2norm, masked_softmax
 
 FIRST_STAGE_SEED = 20240517  # the head's initial weights come from their own generator (see the module docstring)
 

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, Sampler
 
 from extract.safeio import atomic_write
 from extract.shards import FeatureStore
-from matching.captions import (
+from matching.data.captions import (
     CaptionFormatError,
     missing_split,
     read_text_file,
@@ -42,8 +42,8 @@ from matching.captions import (
     select_split,
     split_name,
 )
-from matching.data import EpochBatchSampler
-from matching.text import Vocabulary
+from matching.data.pairs import EpochBatchSampler
+from matching.data.text import Vocabulary
 
 VG_SPLITS = ("train", "val", "test")
 SPLIT_FILE = "vg_{}.txt"

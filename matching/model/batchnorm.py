@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from matching.collectives import all_reduce_sum, world_size
+from matching.model.collectives import all_reduce_sum, world_size
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):

@@ -13,7 +13,7 @@ with every FLOP the maths does not need removed and the rest as large dense prod
 - Eq. 1 over the attended vectors (`attend_project`) runs in chunks of rows that stay in
   cache, one GEMM per chunk, and its backward recomputes the chunk instead of keeping
   (Bi, Bc, L, d)-sized tensors alive: training memory does not grow with batch² × d;
-- reasoning reads out node 0 of its last layer only (`read_out` of matching.reasoning).
+- reasoning reads out node 0 of its last layer only (`read_out` of matching.model.reasoning).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from matching.encoders import Embedded
-from matching.tensors import l2norm, masked_softmax, xavier_init_
+from matching.model.encoders import Embedded
+from matching.model.tensors import l2norm, masked_softmax, xavier_init_
 
 EPS = 1e-8  # l2norm's epsilon (SGRAF's)
 CPU_CHUNK_ROWS = 2048  # d-sized rows per chunk on a CPU: 8 MB at d = 1024 stays in the last-level cache

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from matching.encoders import Embedded
-from matching.model import TSHSR
-from matching.similarity import default_chunk_rows
+from matching.model.encoders import Embedded
+from matching.model.similarity import default_chunk_rows
+from matching.model.tshsr import TSHSR
 
 CPU_BUDGET_BYTES = 2 << 30
 CPU_BLOCK_PAIRS = 256  # pairs per head call on a CPU: every per-pair tensor of a block stays in cache

@@ -1,0 +1,1 @@
+"""Other tools' files into ours: SCAN/SGRAF precomputed features, SGRAF checkpoints."""
