@@ -106,7 +106,7 @@ def world(root: Path, seed: int, images: int, regions: int) -> tuple[Path, Path,
 
 def run(root: Path, name: str, seed: int, features: Path, vocab: Path, shortlists: tuple[int, ...],
         model: dict, recipe: dict) -> dict:
-    from matching.config import Config
+    from matching.config import Config, EvaluationSettings
     from matching.retrieval.evaluate import evaluate_checkpoint
     from matching.training.loop import train
 
@@ -120,14 +120,14 @@ def run(root: Path, name: str, seed: int, features: Path, vocab: Path, shortlist
         result = train(config, features=features, captions=captions, vocab_path=vocab, run_dir=run_dir,
                        overwrite=True, device="cpu", progress=False, log=lambda line: None)
         seconds = time.time() - started
-        test = evaluate_checkpoint(run_dir / "model_best.pt", features, captions, split="test", protocol="full",
-                                   device="cpu").results["full"]
+        test = evaluate_checkpoint(run_dir / "model_best.pt", features, captions, device="cpu",
+                                   settings=EvaluationSettings(split="test", protocol="full")).results["full"]
     row = {"val_rsum_epoch1": result.history[0].get("rsum"), "test_i2t_r1": test["i2t_r1"],
            "test_t2i_r1": test["t2i_r1"], "test_rsum": test["rsum"], "train_seconds": round(seconds, 1)}
     for k in shortlists:
         try:
-            two = evaluate_checkpoint(run_dir / "model_best.pt", features, captions, split="test", protocol="full",
-                                      device="cpu", shortlist=k)
+            two = evaluate_checkpoint(run_dir / "model_best.pt", features, captions, device="cpu",
+                                      settings=EvaluationSettings(split="test", protocol="full", shortlist=k))
         except ValueError as error:  # no trained first stage
             row["shortlist_note"] = str(error)
             break

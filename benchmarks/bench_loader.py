@@ -30,7 +30,7 @@ from matching.data.captions import Caption
 from matching.data.pairs import EpochBatchSampler, PairDataset, build_pairs, collate_pairs
 from matching.data.text import Vocabulary
 from matching.model.tshsr import build_model
-from matching.training.loop import train_step
+from matching.tasks.matching import train_step
 
 
 def write_features(directory: Path, images: int, regions: int, dim: int) -> list[str]:

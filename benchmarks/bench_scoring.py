@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from matching.config import Config, ModelConfig
+from matching.config import Config, EvaluationSettings, ModelConfig
 from matching.model.encoders import Embedded
 from matching.model.tensors import l2norm
 from matching.model.tshsr import TSHSR, build_model
@@ -341,7 +341,8 @@ def evaluate_comparison(n_images: int, captions_per_image: int, baseline_caption
         # The baseline's halves before and after ours, so a change of load falls on both.
         half = (len(subset) // 200) * 100 or len(subset)
         first, first_s = baseline_part(slice(0, half))
-        result, ours_s = timed(lambda: evaluate_checkpoint(ckpt, features, captions_file, protocol="full",
+        settings = EvaluationSettings(protocol="full")
+        result, ours_s = timed(lambda: evaluate_checkpoint(ckpt, features, captions_file, settings=settings,
                                                            device=str(device)), device)
         second, second_s = baseline_part(slice(half, len(subset))) if half < len(subset) else (first[:, :0], 0.0)
         baseline, base_s = np.concatenate([first, second], 1), first_s + second_s

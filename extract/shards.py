@@ -469,26 +469,56 @@ def check_shard(directory: Path, entry: ShardEntry) -> ShardLayout:
     return layout
 
 
+@dataclass
+class Verification:
+    """What `verify_report` found: the problems (one line each, [] when clean) and what the directory holds."""
+
+    problems: list[str]
+    shards: int = 0
+    images: int = 0
+    max_boxes: int = 0  # the most boxes a shard allows (K)
+    feature_dim: int = 0
+    dtype: str = ""
+
+    def summary(self, directory: str | os.PathLike) -> str:
+        """One line on a clean directory."""
+        shape = f"{self.max_boxes} boxes of {self.feature_dim} {self.dtype} features; " if self.shards else ""
+        return (f"{directory}: {self.shards} shards, {self.images} images, {shape}every shard matches the "
+                "manifest")
+
+
 def verify_features(directory: str | os.PathLike, on_shard: Callable[[str], None] | None = None) -> list[str]:
-    """Check a feature directory against its manifest, reading every byte; one line per problem, [] when clean.
+    """The problems `verify_report` finds; [] when the directory is clean."""
+    return verify_report(directory, on_shard=on_shard).problems
+
+
+def verify_report(directory: str | os.PathLike, *, on_start: Callable[[int], None] | None = None,
+                  on_shard: Callable[[str], None] | None = None) -> Verification:
+    """Check a feature directory against its manifest, reading every byte (the manifest once).
 
     Checked: every listed shard exists with the recorded size and sha256; its datasets have
-    the shapes and dtypes of DESIGN §3 and as many images as the manifest says; image ids
-    are non-empty and unique across shards; num_boxes lies within 0..K; all shards share
-    D and the feature dtype; the failed list holds {path, reason} entries, none of them
-    also stored; no shard file is missing from the manifest. `on_shard(name)` is called
-    after each shard (progress).
+    the shapes and dtypes of the shard format (docs/formats.md) and as many images as the
+    manifest says; image ids are non-empty and unique across shards; num_boxes lies within
+    0..K; all shards share D and the feature dtype; the failed list holds {path, reason}
+    entries, none of them also stored; no shard file is missing from the manifest.
+    `on_start(shards)` is called once the manifest is read, `on_shard(name)` after each shard
+    (progress).
     """
     root = Path(directory)
     try:
         manifest = read_manifest(root)
     except ShardFormatError as error:
-        return [str(error)]
+        return Verification([str(error)])
+    if on_start:
+        on_start(len(manifest.shards))
     problems: list[str] = []
     owner: dict[str, str] = {}  # image id → the shard that holds it
     kinds: dict[tuple[int, str], str] = {}  # (D, dtype) → the first shard that has it
+    most_boxes = 0
     for entry in manifest.shards:
-        problems.extend(_verify_shard(root, entry, owner, kinds))
+        found, boxes = _verify_shard(root, entry, owner, kinds)
+        problems.extend(found)
+        most_boxes = max(most_boxes, boxes)
         if on_shard:
             on_shard(entry.name)
     if len(kinds) > 1:
@@ -512,14 +542,18 @@ def verify_features(directory: str | os.PathLike, on_shard: Callable[[str], None
         if item["path"] in owner:
             problems.append(f"{root / MANIFEST}: {item['path']!r} is listed as failed but stored in "
                             f"{owner[item['path']]}")
-    return problems
+    (dim, dtype) = next(iter(kinds), (0, ""))
+    return Verification(problems, len(manifest.shards), manifest.num_images, most_boxes, dim, dtype)
+
+
 
 
 def _verify_shard(root: Path, entry: ShardEntry, owner: dict[str, str], kinds: dict[tuple[int, str], str]
-                  ) -> list[str]:
+                  ) -> tuple[list[str], int]:
+    """(the shard's problems, its K: the most boxes it allows; 0 when unreadable)."""
     path = root / entry.name
     if not path.is_file():
-        return [f"{path}: shard listed in the manifest is missing"]
+        return [f"{path}: shard listed in the manifest is missing"], 0
     problems = []
     size = path.stat().st_size
     if entry.num_bytes is not None and size != entry.num_bytes:
@@ -533,9 +567,9 @@ def _verify_shard(root: Path, entry: ShardEntry, owner: dict[str, str], kinds: d
             ids = handle["image_ids"].asstr()[:]
             num_boxes = handle["num_boxes"][:]
     except ShardFormatError as error:
-        return [*problems, str(error)]
+        return [*problems, str(error)], 0
     except (OSError, RuntimeError, KeyError, ValueError) as error:
-        return [*problems, f"{path}: not a readable HDF5 shard ({_first_line(error)})"]
+        return [*problems, f"{path}: not a readable HDF5 shard ({_first_line(error)})"], 0
     kinds.setdefault((layout.feature_dim, layout.dtype.name), entry.name)
     if layout.num_images != entry.num_images:
         problems.append(f"{path}: holds {layout.num_images} images, the manifest says {entry.num_images}")
@@ -553,7 +587,7 @@ def _verify_shard(root: Path, entry: ShardEntry, owner: dict[str, str], kinds: d
     if len(outside):
         problems.append(f"{path}: {len(outside)} images have num_boxes outside 0..{layout.max_boxes} "
                         f"(first {ids[outside[0]]!r}: {int(num_boxes[outside[0]])})")
-    return problems
+    return problems, layout.max_boxes
 
 
 # --------------------------------------------------------------------------- reading

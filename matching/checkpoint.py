@@ -25,7 +25,6 @@ import torch
 from extract.safeio import atomic_write
 from matching.config import Config, ConfigError
 from matching.data.text import Vocabulary, VocabularyError
-from matching.model.tshsr import build_model
 
 FORMAT = "tshsr-pipe"
 FORMAT_VERSION = 1
@@ -77,12 +76,10 @@ def load_payload(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, An
 
 
 def build_network(config: Config) -> torch.nn.Module:
-    """A freshly initialised network for a config of either task (TSHSR for matching, HMRN for multi-query)."""
-    if config.task == "multi-query":
-        from matching.model.hmrn import build_hmrn
+    """A freshly initialised network for a config of any task (TSHSR for matching, HMRN for multi-query)."""
+    from matching.tasks import get_task
 
-        return build_hmrn(config.model)
-    return build_model(config.model)
+    return get_task(config.task).build_model(config.model)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Any, Config, Vocabulary]:

@@ -1,8 +1,9 @@
-"""Typed configuration: the paper's hyper-parameters as defaults (TSHSR §IV-A, DESIGN §5).
+"""Typed configuration: the paper's hyper-parameters as defaults (TSHSR §IV-A; docs/decisions.md).
 
-One `Config` holds a `ModelConfig` (everything needed to rebuild the network)
-and a `TrainConfig` (the recipe). It is saved as plain data with every
-checkpoint and as YAML beside every run.
+One `Config` holds the task's model config (`ModelConfig` for TSHSR, `MultiQueryConfig` for
+HMRN: everything needed to rebuild the network), a `TrainConfig` (the recipe) and the task's
+name (`matching.tasks`). It is saved as plain data with every checkpoint and as YAML beside
+every run. `EvaluationSettings` says how a test split is scored.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ REASONING = ("hsr", "sgr")
 STREAMS = ("i2t", "t2i", "both")
 ATTENTION_CLIPS = ("leaky_relu", "relu")
 RELATION_NORMS = ("softmax", "none")
-TASKS = ("matching", "multi-query")  # one caption ↔ one image (TSHSR, SGR); several queries → one image (HMRN)
 
 
 class ConfigError(ValueError):
@@ -211,24 +211,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hmrn": {"learning_rate": 4e-4, "batch_size": 128, "grad_clip": 2.0, "epochs": 150, "lr_decay_epoch": 75,
              "lr_decay": 0.1, "val_images": 0, "global_loss_weight": 0.0},  # HMRN's loss has its own global term
 }
-TASK_DEFAULT_PRESET = {"matching": None, "multi-query": "hmrn"}
+
+
+def _task(name: str) -> Any:
+    """The registered task `name`; ConfigError naming the choices otherwise."""
+    from matching.tasks import UnknownTaskError, get_task
+
+    try:
+        return get_task(name)
+    except UnknownTaskError as error:
+        raise ConfigError(str(error)) from None
 
 
 @dataclass
 class Config:
-    """The network (`model`: a ModelConfig, or a MultiQueryConfig for the multi-query task) and the recipe."""
+    """The network (`model`: the task's model config, e.g. a ModelConfig or a MultiQueryConfig) and the recipe."""
 
-    model: ModelConfig | MultiQueryConfig = field(default_factory=ModelConfig)
+    model: Any = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    task: str = "matching"  # one of TASKS; saved with every run and checkpoint
+    task: str = "matching"  # a task of matching.tasks.REGISTRY; saved with every run and checkpoint
 
     @classmethod
     def default(cls, task: str = "matching") -> Config:
         """The defaults of a task: its model's, and its recipe (the paper's, or HMRN's for multi-query)."""
-        if task not in TASKS:
-            raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-        preset = TASK_DEFAULT_PRESET[task]
-        return cls(model=MODEL_CONFIGS[task](), train=TrainConfig(**(PRESETS[preset] if preset else {})), task=task)
+        spec = _task(task)
+        return cls(model=spec.model_config(), train=TrainConfig(**spec.recipe), task=task)
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
@@ -238,28 +245,30 @@ class Config:
         unknown = set(payload) - {"model", "train", "task"}
         if unknown:
             raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}; expected model, train, task")
-        task = payload.get("task", "matching")  # checkpoints before the multi-query task have no task
-        if task not in TASKS:
-            raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-        return cls(model=_build(MODEL_CONFIGS[task], payload.get("model", {}), "model").validate(),
+        from matching.tasks import DEFAULT_TASK
+
+        task = payload.get("task", DEFAULT_TASK)  # checkpoints before the multi-query task have no task
+        return cls(model=_build(_task(task).model_config, payload.get("model", {}), "model").validate(),
                    train=_build(TrainConfig, payload.get("train", {}), "train").validate(), task=task)
 
     @classmethod
     def from_checkpoint(cls, payload: dict[str, Any]) -> Config:
         """The config saved in a checkpoint, read as the run that wrote it trained.
 
-        Fields added since keep the meaning they had then, not today's default: a matching
-        checkpoint saved before `train.global_loss_weight` existed was trained without the global
-        loss (0), one saved before `model.first_stage_dim` existed has no first-stage head (0).
+        Fields added since keep the meaning they had then, not today's default: the task's
+        `legacy_fields` (a matching checkpoint saved before `train.global_loss_weight` existed was
+        trained without the global loss, one saved before `model.first_stage_dim` has no head).
         """
-        if not isinstance(payload, dict) or payload.get("task", "matching") != "matching":
+        from matching.tasks import DEFAULT_TASK
+
+        if not isinstance(payload, dict):
             return cls.from_dict(payload)
-        train, model = payload.get("train"), payload.get("model")
-        if isinstance(train, dict) and train and "global_loss_weight" not in train:
-            payload = {**payload, "train": {**train, "global_loss_weight": 0.0}}
-        if isinstance(model, dict) and model and "first_stage_dim" not in model:
-            payload = {**payload, "model": {**model, "first_stage_dim": 0}}
-        return cls.from_dict(payload)
+        sections = {name: dict(payload.get(name) or {}) for name in ("model", "train")}
+        for key, value in _task(payload.get("task", DEFAULT_TASK)).legacy_fields.items():
+            section, _, name = key.partition(".")
+            if sections[section] and name not in sections[section]:
+                sections[section][name] = value
+        return cls.from_dict({**payload, **{k: v for k, v in sections.items() if k in payload}})
 
     def updated(self, model: dict[str, Any] | None = None, train: dict[str, Any] | None = None) -> Config:
         """A copy with some fields replaced (checked like a config file)."""
@@ -273,14 +282,56 @@ class Config:
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 SEARCH_SHORTLIST = 200  # images a search query re-ranks with the full model (two-stage search's default)
 
-MODEL_CONFIGS: dict[str, type] = {"matching": ModelConfig, "multi-query": MultiQueryConfig}
+
+
+@dataclass
+class EvaluationSettings:
+    """How a test split is scored: read by `evaluate`, the pipeline's evaluate section and the search service."""
+
+    split: str | None = "test"  # the split scored (None: every caption or query set of the file; a gallery: all)
+    protocol: str = "all"  # coco1k, coco5k, f30k, full, or all that fit (matching.retrieval.metrics.PROTOCOLS)
+    captions_per_image: int = 5  # captions of each test image ranked (the first ones)
+    batch_size: int = 128  # images or captions per encoder batch
+    memory_budget: float | None = None  # GiB of working memory for scoring blocks (None: half the free GPU memory,
+    # 2 GiB on a CPU)
+    shortlist: int | None = None  # two-stage: images each query re-ranks (None: evaluate scores every pair,
+    # search and serve take SEARCH_SHORTLIST for a model with a first stage; 0: every pair)
+    shortlist_index: str = "flat"  # faiss index of the first stage (INDEX_KINDS)
+
+    def validate(self) -> EvaluationSettings:
+        """Raise ConfigError on a value no evaluation can use; returns self."""
+        from matching.retrieval.metrics import PROTOCOLS
+
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"evaluate.protocol = {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.shortlist_index not in INDEX_KINDS:
+            raise ConfigError(f"evaluate.shortlist_index = {self.shortlist_index!r}; choose one of "
+                              f"{', '.join(INDEX_KINDS)}")
+        for name in ("captions_per_image", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluate.{name} must be at least 1, not {getattr(self, name)}")
+        if self.shortlist is not None and self.shortlist < 0:
+            raise ConfigError(f"evaluate.shortlist must be 0 or more, not {self.shortlist}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ConfigError(f"evaluate.memory_budget must be positive GiB, not {self.memory_budget}")
+        return self
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return int(self.memory_budget * 2**30) if self.memory_budget else None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvaluationSettings:
+        """From plain data (a pipeline file's evaluate section), checking names and types."""
+        return _build(cls, values, "evaluate").validate()
 
 
 def _build(kind: type, values: dict[str, Any], section: str) -> Any:
     """Build a dataclass from plain data, checking names and coercing types (YAML gives strings for 2e-4)."""
     if not isinstance(values, dict):
         raise ConfigError(f"config section {section!r} must be a mapping, not {type(values).__name__}")
-    hints = get_type_hints(kind)
+    raw = get_type_hints(kind)
+    hints = {name: _concrete(hint) for name, hint in raw.items()}
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = set(values) - known
     if unknown:
@@ -289,6 +340,9 @@ def _build(kind: type, values: dict[str, Any], section: str) -> Any:
     coerced = {}
     for name, value in values.items():
         target = hints[name]
+        if value is None and hints[name] is not raw[name]:  # an optional field (X | None) left unset
+            coerced[name] = None
+            continue
         try:
             if target is bool:
                 if isinstance(value, str):
@@ -306,6 +360,16 @@ def _build(kind: type, values: dict[str, Any], section: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{section}.{name} = {value!r} is not a valid {target.__name__}") from None
     return kind(**coerced)
+
+
+def _concrete(hint: Any) -> Any:
+    """`X | None` → X (a None value is kept as None by `_build`); other hints as they are."""
+    import types
+
+    if isinstance(hint, types.UnionType):
+        options = [h for h in hint.__args__ if h is not type(None)]
+        return options[0] if len(options) == 1 else hint
+    return hint
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str) -> dict[str, Any]:
@@ -385,6 +449,40 @@ def apply_settings(config: Config, dotted: dict[str, Any]) -> Config:
     return Config.from_dict(payload)
 
 
+# The `train` command's direct flags and the config field each sets.
+TRAIN_FLAGS: dict[str, str] = {
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.learning_rate",
+    "embed_size": "model.embed_size", "sim_dim": "model.sim_dim", "word_dim": "model.word_dim",
+    "steps": "model.reasoning_steps", "warmup_epochs": "train.warmup_epochs",
+    "global_loss_weight": "train.global_loss_weight", "length_buckets": "train.length_buckets", "seed": "train.seed",
+    "workers": "train.workers", "log_every": "train.log_every", "in_memory": "train.features_in_memory",
+    "mixed_precision": "train.mixed_precision", "tf32": "train.allow_tf32",
+}
+
+
+def plan_run(*, task: str | None = None, preset: str | None = None, config_file: str | None = None,
+             variant: str | None = None, flags: dict[str, Any] | None = None,
+             sets: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, Any]]:
+    """A new run's Config from a user's choices, and the settings they asked for explicitly.
+
+    The config: the task's defaults < preset < config file < variant < direct flags (`TRAIN_FLAGS`
+    names; None values ignored) < ``--set section.key=value``. The requested settings (with
+    "task" when one is named) are what a resumed run compares with its saved config.
+    """
+    flags = flags or {}
+    unknown = set(flags) - set(TRAIN_FLAGS)
+    if unknown:
+        raise ConfigError(f"unknown train flag(s) {', '.join(sorted(unknown))}; known: {', '.join(TRAIN_FLAGS)}")
+    overrides = {TRAIN_FLAGS[name]: value for name, value in flags.items()}
+    config = resolve_config(preset=preset, config_file=config_file, variant=variant, overrides=overrides, sets=sets,
+                            task=task or "matching")
+    requested = requested_settings(preset=preset, config_file=config_file, variant=variant, overrides=overrides,
+                                   sets=sets)
+    if task:
+        requested["task"] = task  # a resumed run of another task is refused
+    return config, requested
+
+
 def resolve_config(*, preset: str | None = None, config_file: str | None = None, variant: str | None = None,
                    overrides: dict[str, Any] | None = None, sets: list[str] | tuple[str, ...] = (),
                    task: str = "matching") -> Config:
@@ -393,9 +491,9 @@ def resolve_config(*, preset: str | None = None, config_file: str | None = None,
 
     `overrides` maps "model.embed_size"-style names to values (None values are ignored).
     """
-    if variant and task != "matching":
-        raise ConfigError(f"--variant {variant} names a matching model; the {task} task has its own model "
-                          "(set its fields with --set model.FIELD=VALUE)")
+    if variant and variant not in _task(task).variants:
+        raise ConfigError(f"--variant {variant} names a model of another task; the {task} task's models are set "
+                          "with --set model.FIELD=VALUE")
     return apply_settings(Config.default(task), requested_settings(preset=preset, config_file=config_file,
                                                                    variant=variant, overrides=overrides, sets=sets))
 

@@ -17,19 +17,20 @@ from matching.config import (
     INDEX_KINDS,
     PRESETS,
     SEARCH_SHORTLIST,
-    TASKS,
     VARIANTS,
+    EvaluationSettings,
     ModelConfig,
     MultiQueryConfig,
     TrainConfig,
 )
 from matching.importers.precomp import SPLITS as PRECOMP_SPLITS
 from matching.retrieval.metrics import PROTOCOLS
+from matching.tasks import task_names
 from pipelines.errors import UserError, user_errors
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
-MODEL, TRAIN = ModelConfig(), TrainConfig()
+MODEL, TRAIN, EVALUATE = ModelConfig(), TrainConfig(), EvaluationSettings()
 
 
 def device_option(command):  # noqa: ANN001, ANN201 - a click decorator
@@ -69,17 +70,17 @@ def cli() -> None:
 @click.option("--captions", type=EXISTING_FILE, required=True,
               help="Captions: Karpathy split JSON, TSV (image_id<TAB>caption[<TAB>split]) or JSONL; for a "
                    "multi-query checkpoint the multi-query JSONL (per-round metrics).")
-@click.option("--split", default="test", show_default=True,
+@click.option("--split", default=EVALUATE.split, show_default=True,
               help="Split to evaluate; captions without a split always count.")
-@click.option("--protocol", type=click.Choice(PROTOCOLS), default="all", show_default=True,
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default=EVALUATE.protocol, show_default=True,
               help="coco1k: mean of 5 folds of 1000 images; coco5k: all 5000; f30k: 1000 images; "
                    "full: all images of the split; all: every protocol the split fits.")
-@click.option("--captions-per-image", default=TRAIN.captions_per_image, show_default=True,
+@click.option("--captions-per-image", default=EVALUATE.captions_per_image, show_default=True,
               type=click.IntRange(min=1), help="Captions per image used for evaluation (the first ones of each image).")
 @click.option("--vocab", "vocab_path", type=EXISTING_FILE,
               help="Check that this vocabulary is the checkpoint's own.")
 @device_option
-@click.option("--batch-size", default=TRAIN.batch_size, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=EVALUATE.batch_size, show_default=True, type=click.IntRange(min=1),
               help="Images or captions per encoder batch.")
 @click.option("--memory-budget", type=click.FloatRange(min=0.01),
               help="GiB of working memory for scoring blocks [default: half the free GPU memory, 2 GiB on CPU].")
@@ -87,7 +88,7 @@ def cli() -> None:
               help="Two-stage retrieval: each caption re-ranks only its K best images by first-stage cosine "
                    "with the full model, each image its captions-per-image × K best captions (a fraction of "
                    "the pairs; prints how often the ground truth was in the shortlist).")
-@click.option("--shortlist-index", type=click.Choice(INDEX_KINDS), default=INDEX_KINDS[0], show_default=True,
+@click.option("--shortlist-index", type=click.Choice(INDEX_KINDS), default=EVALUATE.shortlist_index, show_default=True,
               help="faiss index of the first stage: flat (exact), ivf or hnsw (approximate, for huge galleries).")
 @click.option("--save-sims", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the (images × captions) score matrix as .npy.")
@@ -112,16 +113,15 @@ def evaluate(checkpoints: tuple[Path, ...], sims_files: tuple[Path, ...], featur
         raise UserError("give --checkpoint (repeat it for an ensemble) or --sims")
     if shortlist and save_sims:
         raise UserError("--save-sims needs every pair scored; leave out --shortlist to save the score matrix")
-    outcome = evaluate_checkpoint(
-        checkpoints, features, captions, sims_files=sims_files, split=split, protocol=protocol,
-        captions_per_image=captions_per_image, vocab_path=vocab_path, device=device, batch_size=batch_size,
-        memory_budget=int(memory_budget * 2**30) if memory_budget else None, progress=True,
-        shortlist=shortlist, shortlist_index=shortlist_index, log=click.echo)
+    settings = EvaluationSettings(split=split or None, protocol=protocol, captions_per_image=captions_per_image,
+                                  batch_size=batch_size, memory_budget=memory_budget, shortlist=shortlist,
+                                  shortlist_index=shortlist_index)
+    outcome = evaluate_checkpoint(checkpoints, features, captions, settings=settings, sims_files=sims_files,
+                                  vocab_path=vocab_path, device=device, progress=True, log=click.echo)
     if not Launch.from_env().is_main:  # under torchrun, rank 0 reports
         return
     sources = len(outcome.sources)
-    what = "query sets" if outcome.task == "multi-query" else "captions"
-    click.echo(f"{len(outcome.image_ids)} images, {outcome.num_captions} {what} ({split} split)"
+    click.echo(f"{len(outcome.image_ids)} images, {outcome.num_captions} {outcome.unit} ({split} split)"
                + (f"; the mean of {sources} score matrices" if sources > 1 else ""))
     click.echo(outcome.table())
     if save_sims:
@@ -258,7 +258,7 @@ def import_drilldown(region_dir: Path, out: Path, queries: Path | None, max_boxe
 
 
 @cli.command()
-@click.option("--task", type=click.Choice(TASKS),
+@click.option("--task", type=click.Choice(task_names()),
               help="matching: one caption ↔ one image (TSHSR, SGR); multi-query: several region queries given in "
                    "rounds → one image (HMRN, with its recipe as defaults) [default: matching; a resumed run "
                    "keeps its own].")
@@ -337,33 +337,18 @@ def train(task: str | None, features: Path, captions: Path, vocab_path: Path, na
     TensorBoard events. Stopped by Ctrl-C or SIGTERM, it saves and exits 130 or 143.
     """
     from extract.runtime import exit_code
-    from matching.config import Config, apply_settings, requested_settings
-    from matching.training.loop import train as run_training
-    from matching.training.rundir import new_run_name
+    from matching.training.loop import train_from_choices
 
-    if resume and not name:
-        raise UserError("--resume needs --name (the run to continue)")
-    if variant and task == "multi-query":
-        raise UserError(f"--variant {variant} names a matching model; set the multi-query model's fields with "
-                        "--set model.FIELD=VALUE")
-    requested = requested_settings(
-        preset=preset, config_file=str(config_file) if config_file else None, variant=variant, sets=sets,
-        overrides={"train.epochs": epochs, "train.batch_size": batch_size, "train.learning_rate": lr,
-                   "model.embed_size": embed_size, "model.sim_dim": sim_dim, "model.word_dim": word_dim,
-                   "model.reasoning_steps": steps, "train.warmup_epochs": warmup_epochs,
-                   "train.global_loss_weight": global_loss_weight,
-                   "train.length_buckets": length_buckets, "train.seed": seed, "train.workers": workers,
-                   "train.log_every": log_every, "train.features_in_memory": in_memory,
-                   "train.mixed_precision": mixed_precision, "train.allow_tf32": tf32})
-    config = apply_settings(Config.default(task or "matching"), requested)
-    if task:
-        requested["task"] = task  # a resumed run of another task is refused
-    prefix = variant or ("hmrn" if task == "multi-query" else "tshsr")
-    result = run_training(config, features=features, captions=captions, vocab_path=vocab_path,
-                          run_dir=runs_dir / (name or new_run_name(prefix)), resume=resume,
-                          overwrite=overwrite, init_from=init_from, requested=requested, device=device,
-                          train_split=train_split, val_split=val_split or None, max_steps=max_steps,
-                          log=click.echo)
+    flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "embed_size": embed_size, "sim_dim": sim_dim,
+             "word_dim": word_dim, "steps": steps, "warmup_epochs": warmup_epochs,
+             "global_loss_weight": global_loss_weight, "length_buckets": length_buckets, "seed": seed,
+             "workers": workers, "log_every": log_every, "in_memory": in_memory,
+             "mixed_precision": mixed_precision, "tf32": tf32}
+    result = train_from_choices(features=features, captions=captions, vocab_path=vocab_path, runs_dir=runs_dir,
+                                name=name, task=task, preset=preset, config_file=config_file, variant=variant,
+                                flags=flags, sets=sets, resume=resume, overwrite=overwrite, init_from=init_from,
+                                device=device, train_split=train_split, val_split=val_split or None,
+                                max_steps=max_steps, log=click.echo)
     if result.stopped_by is not None:
         raise SystemExit(exit_code(result.stopped_by))
 
@@ -401,7 +386,7 @@ def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_
       tshsr-pipe search --checkpoint ... --features ... --image COCO_val2014_000000391895.jpg --captions c.json
       tshsr-pipe search --checkpoint runs/hmrn/model_best.pt --features vg/ "a red car" "a man with an umbrella"
     """
-    from matching.retrieval.evaluate import search as run_search
+    from matching.retrieval.search import search as run_search
     from pipelines.search_page import write_search_page
 
     found = run_search(checkpoint_path, features, query=list(queries), image_id=image_id, captions=captions,
@@ -471,10 +456,16 @@ def run_command(pipeline_file: Path | None, workdir: str | None, images: str | N
     click.echo(format_table(run_pipeline(spec, force=force, log=click.echo)))
 
 
+def _demo_choices() -> list[str]:
+    from pipelines.demo import DEMOS
+
+    return list(DEMOS)
+
+
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="tshsr-demo", show_default=True,
               help="Where the demo's data, features, model and metrics go (reused by a second run).")
-@click.option("--task", type=click.Choice(TASKS), default="matching", show_default=True,
+@click.option("--task", type=click.Choice(_demo_choices()), default="matching", show_default=True,
               help="matching: captions ↔ images (TSHSR); multi-query: one query per object, given in rounds, "
                    "find the scene (HMRN; its features are always made directly).")
 @click.option("--fast", is_flag=True, help="Make region features directly instead of rendering images and "
@@ -495,26 +486,13 @@ def demo(out: Path, task: str, fast: bool, num_images: int | None, seed: int, de
     """
     import time
 
-    from pipelines.demo import format_against_chance, run_demo, run_multiquery_demo
+    from pipelines.demo import run_demo
 
     started = time.time()
-    if task == "multi-query":
-        from matching.retrieval.metrics import format_round_table
-
-        outcome = run_multiquery_demo(out, images=num_images or 400, seed=seed, device=device, log=click.echo)
-        click.echo(f"\ntest set: {outcome['test_images']} scenes, one query per object, rounds 1…4")
-        click.echo(format_round_table(outcome["results"], outcome["chance"]))
-        click.echo(f"done in {time.time() - started:.0f} s; everything is in {out} (try: tshsr-pipe search "
-                   f"--checkpoint {outcome['checkpoint']} --features {outcome['features']} \"a red circle\" "
-                   "\"a blue star\")")
-        return
-    outcome = run_demo(out, pixels=not fast, images=num_images or 300, seed=seed, device=device, log=click.echo)
-    click.echo(f"\ntest set: {outcome['test_images']} images × 5 captions "
-               f"({'features made directly' if fast else 'rendered images through the extractor'})")
-    click.echo(format_against_chance(outcome["results"], outcome["chance"]))
-    click.echo(f"done in {time.time() - started:.0f} s; everything is in {out} "
-               f"(try: tshsr-pipe search --checkpoint {out}/runs/demo/model_best.pt --features "
-               f"{outcome['spec'].features} \"a red circle\")")
+    outcome = run_demo(out, task=task, fast=fast, images=num_images, seed=seed, device=device, log=click.echo)
+    click.echo(f"\ntest set: {outcome.description}")
+    click.echo(outcome.table)
+    click.echo(f"done in {time.time() - started:.0f} s; everything is in {out} (try: {outcome.example})")
 
 
 from pipelines.extract_cmd import extract, verify  # noqa: E402
@@ -546,12 +524,10 @@ def serve(checkpoint_path: Path, features: Path, captions: Path | None, split: s
     """
     import uvicorn
 
-    from matching.retrieval.shortlist import SEARCH_SHORTLIST
     from pipelines.serve.app import build_app
 
-    ranker = "auto" if shortlist is None else "shortlist" if shortlist else "exact"
-    app = build_app(checkpoint_path, features, captions=captions, split=split, images_dir=images_dir,
-                    index_path=index_path, device=device, ranker=ranker, shortlist=shortlist or SEARCH_SHORTLIST)
+    app = build_app(checkpoint_path, features, captions=captions, images_dir=images_dir, index_path=index_path,
+                    device=device, settings=EvaluationSettings(split=split, shortlist=shortlist))
     about = app.state.engine.info
     if about.index_built:
         click.echo(f"index of {about.gallery_size} images written to {index_path}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +49,33 @@ def demo_spec(out: Path, *, pixels: bool, images: int, seed: int, device: str) -
                         evaluate={"split": "test", "protocol": "full"})
 
 
-def run_demo(out: str | os.PathLike, *, pixels: bool = True, images: int = 300, seed: int = 0,
-             device: str = "cpu", log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    """Generate the data, run extract → vocab → train → evaluate, return {"results", "chance", "images"}."""
+@dataclass
+class DemoOutcome:
+    """What a demo reached: its metrics beside chance, where its data and model are, and a search to try."""
+
+    results: dict[str, Any]  # the task's metrics on the test scenes
+    table: str  # the metrics beside chance level, as the command prints them
+    test_images: int
+    description: str  # one line on the test set
+    features: Path
+    checkpoint: Path
+    example: str  # a search command to try
+
+
+def _matching_demo(out: Path, *, fast: bool, images: int | None, seed: int, device: str,
+                   log: Callable[[str], None], progress: bool) -> DemoOutcome:
+    """Captions ↔ images: the shapes world through the pipeline (rendered and extracted, or --fast)."""
     from matching.retrieval.metrics import chance_metrics
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    spec = demo_spec(out, pixels=pixels, images=images, seed=seed, device=device)
+    images = images or 300
+    spec = demo_spec(out, pixels=not fast, images=images, seed=seed, device=device)
     results = run_pipeline(spec, log=log, progress=progress)
     n_test = sum(1 for s in make_scenes(images, seed=seed) if s.split == "test")
-    return {"results": results, "chance": chance_metrics(n_test), "test_images": n_test, "spec": spec}
+    checkpoint = spec.run_dir / "model_best.pt"
+    how = "features made directly" if fast else "rendered images through the extractor"
+    return DemoOutcome(results, format_against_chance(results, chance_metrics(n_test)), n_test,
+                       f"{n_test} images × 5 captions ({how})", spec.features, checkpoint,
+                       f'tshsr-pipe search --checkpoint {checkpoint} --features {spec.features} "a red circle"')
 
 
 def format_against_chance(results: dict[str, dict[str, float]], chance: dict[str, float]) -> str:
@@ -78,22 +95,19 @@ MULTIQUERY_TRAIN = {"batch_size": 32, "learning_rate": 5e-3, "epochs": 8, "lr_de
                     "features_in_memory": True, "checkpoint_every": 0, "val_images": 0, "seed": 0}
 
 
-def run_multiquery_demo(out: str | os.PathLike, *, images: int = 400, seed: int = 0, device: str = "auto",
-                        log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    """Generated multi-query scenes → vocabulary → HMRN → per-round evaluation on the test scenes.
-
-    Returns {"results" (the per-round metrics), "chance", "test_images", "features", "checkpoint"}. A
-    second run reuses the data, the vocabulary and a finished model.
-    """
+def _multiquery_demo(out: Path, *, fast: bool, images: int | None, seed: int, device: str,
+                     log: Callable[[str], None], progress: bool) -> DemoOutcome:
+    """Generated multi-query scenes → vocabulary → HMRN → per-round evaluation on the test scenes; a second
+    run reuses the data, the vocabulary and a finished model (its features are always made directly)."""
     from matching.config import Config
     from matching.data.vocabulary import build_vocabulary
     from matching.retrieval.evaluate import evaluate_checkpoint
-    from matching.retrieval.metrics import round_chance
+    from matching.retrieval.metrics import format_round_table, round_chance
     from matching.training.loop import train
     from matching.training.rundir import RunDirectory, run_finished
     from pipelines.synthetic import make_multiquery_scenes, write_multiquery_dataset
 
-    out = Path(out)
+    images = images or 400
     features = out / "features"
     scenes = make_multiquery_scenes(images, objects_per_scene=MULTIQUERY_MODEL["max_turns"], seed=seed)
     if not (features / "manifest.json").exists():
@@ -110,6 +124,28 @@ def run_multiquery_demo(out: str | os.PathLike, *, images: int = 400, seed: int 
         config = Config.default("multi-query").updated(model=MULTIQUERY_MODEL, train={**MULTIQUERY_TRAIN, "seed": seed})
         train(config, features=features, captions=queries, vocab_path=vocab, run_dir=run.path,
               resume=run.last.exists(), overwrite=not run.last.exists(), device=device, progress=progress, log=log)
-    outcome = evaluate_checkpoint(run.best, features, queries, split="test", device=device)
-    return {"results": outcome.results, "chance": round_chance(len(outcome.image_ids)),
-            "test_images": len(outcome.image_ids), "features": features, "checkpoint": run.best}
+    outcome = evaluate_checkpoint(run.best, features, queries, device=device)
+    n_test = len(outcome.image_ids)
+    return DemoOutcome(outcome.results, format_round_table(outcome.results, round_chance(n_test)), n_test,
+                       f"{n_test} scenes, one query per object, rounds 1…{MULTIQUERY_MODEL['max_turns']}", features,
+                       run.best, f"tshsr-pipe search --checkpoint {run.best} --features {features} "
+                       '"a red circle" "a blue star"')
+
+
+# The demo of each task that has one: `tshsr-pipe demo --task NAME`.
+DEMOS: dict[str, Callable[..., DemoOutcome]] = {"matching": _matching_demo, "multi-query": _multiquery_demo}
+
+
+def run_demo(out: str | os.PathLike, *, task: str = "matching", fast: bool = False, images: int | None = None,
+             seed: int = 0, device: str = "auto", log: Callable[[str], None] = print,
+             progress: bool = True) -> DemoOutcome:
+    """Generate a task's demo world into `out`, train and evaluate on it; a second run reuses what is done.
+
+    `fast`: make the region features directly instead of rendering images and running the detector.
+    `images`: scenes generated (80% train, 10% val, 10% test; default: the task's demo size).
+    """
+    if task not in DEMOS:
+        raise ValueError(f"no demo for task {task!r}; demos: {', '.join(DEMOS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return DEMOS[task](out, fast=fast, images=images, seed=seed, device=device, log=log, progress=progress)

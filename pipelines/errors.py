@@ -39,9 +39,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from matching.config import ConfigError
     from matching.data.captions import CaptionFormatError
     from matching.data.text import VocabularyError
-    from matching.retrieval.evaluate import QueryError
     from matching.retrieval.index import SearchIndexError
     from matching.retrieval.metrics import MetricsError
+    from matching.retrieval.search import QueryError
     from matching.retrieval.shortlist import NoFirstStageError
     from matching.training.rundir import RunError
 

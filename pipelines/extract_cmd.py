@@ -122,18 +122,13 @@ def verify(features: Path, quiet: bool) -> None:
     checks only sizes and headers, which is fast.)
     """
     from extract.runtime import progress_bar
-    from extract.shards import check_shard, read_manifest, verify_features
+    from extract.shards import verify_report
 
-    shards = len(read_manifest(features).shards) if (features / "manifest.json").is_file() else 0
-    with progress_bar(shards, "verifying", "shard", enabled=not quiet) as bar:
-        problems = verify_features(features, on_shard=lambda name: bar.update(1))
-    for problem in problems:
+    with progress_bar(None, "verifying", "shard", enabled=not quiet) as bar:
+        report = verify_report(features, on_start=lambda shards: bar.reset(total=shards),
+                               on_shard=lambda name: bar.update(1))
+    for problem in report.problems:
         click.echo(problem)
-    if problems:
-        raise UserError(f"{features}: {len(problems)} problem(s) found")
-    manifest = read_manifest(features)
-    layouts = [check_shard(features, entry) for entry in manifest.shards]
-    shape = (f"{max(layout.max_boxes for layout in layouts)} boxes of {layouts[0].feature_dim} "
-             f"{layouts[0].dtype.name} features; " if layouts else "")
-    click.echo(f"{features}: {len(manifest.shards)} shards, {manifest.num_images} images, {shape}every shard "
-               "matches the manifest")
+    if report.problems:
+        raise UserError(f"{features}: {len(report.problems)} problem(s) found")
+    click.echo(report.summary(features))

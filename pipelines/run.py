@@ -13,7 +13,7 @@ A pipeline is described by a YAML file (or the same fields as flags)::
     vocab: {threshold: 4}           # and `splits`
     model: {reasoning_steps: 3}     # any ModelConfig field
     train: {epochs: 20}             # any TrainConfig field; `preset: coco` and `variant: hsr` too
-    evaluate: {split: test, protocol: all}
+    evaluate: {split: test, protocol: all}   # any EvaluationSettings field
 
 Every section is checked before any stage runs (an unknown field or value is refused with the
 known ones). A stage is up to date when its outputs exist and were made from the same resolved
@@ -39,7 +39,6 @@ from pipelines.errors import PipelineError, StageStopped
 STAGES = ("extract", "vocab", "train", "evaluate")
 STATE_FILE = ".pipeline-state.json"
 VOCAB_OPTIONS = {"threshold": int, "splits": list}
-EVALUATE_OPTIONS = {"split": str, "protocol": str, "captions_per_image": int, "batch_size": int}
 TRAIN_CHOICES = ("preset", "variant", "train_split", "val_split")
 
 
@@ -148,18 +147,14 @@ class PipelineSpec:
     def train_splits(self) -> tuple[str, str | None]:
         return str(self.train.get("train_split", "train")), (self.train.get("val_split", "val") or None)
 
-    def evaluate_settings(self) -> dict[str, Any]:
-        from matching.retrieval.metrics import PROTOCOLS
+    def evaluate_settings(self) -> Any:
+        """The evaluate section as `matching.config.EvaluationSettings`; PipelineError on an unknown field or value."""
+        from matching.config import ConfigError, EvaluationSettings
 
-        _known(self.evaluate, EVALUATE_OPTIONS, "evaluate")
-        settings = {"split": "test", "protocol": "all", "captions_per_image": 5, "batch_size": 128, **self.evaluate}
-        if settings["protocol"] not in PROTOCOLS:
-            raise PipelineError(f"evaluate.protocol = {settings['protocol']!r}; choose one of {', '.join(PROTOCOLS)}")
-        for name in ("captions_per_image", "batch_size"):
-            value = settings[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PipelineError(f"evaluate.{name} must be a whole number of at least 1, not {value!r}")
-        return settings
+        try:
+            return EvaluationSettings.from_dict(dict(self.evaluate))
+        except ConfigError as error:
+            raise PipelineError(str(error)) from None
 
 
 def _known(options: dict[str, Any], allowed: dict[str, type], section: str) -> None:
@@ -320,17 +315,14 @@ def _evaluate(spec: PipelineSpec, records: StageRecords, forced: set[str],
 
     settings = spec.evaluate_settings()
     best = RunDirectory(spec.run_dir).best
-    record = StageRecords.make(settings, {"model": _file(best), "captions": _file(spec.captions),
-                                          "features": _features(spec.features)})
+    record = StageRecords.make(dataclasses.asdict(settings), {"model": _file(best), "captions": _file(spec.captions),
+                                                              "features": _features(spec.features)})
     if "evaluate" not in forced and spec.metrics_path.exists() and records.matches("evaluate", record):
         log(f"evaluate: up to date ({spec.metrics_path})")
         return json.loads(spec.metrics_path.read_text(encoding="utf-8"))["results"]
-    outcome = evaluate_checkpoint(best, spec.features, spec.captions, split=settings["split"],
-                                  protocol=settings["protocol"], device=spec.device,
-                                  captions_per_image=settings["captions_per_image"],
-                                  batch_size=settings["batch_size"])
+    outcome = evaluate_checkpoint(best, spec.features, spec.captions, settings=settings, device=spec.device)
     write_metrics(spec.metrics_path, outcome, checkpoint=str(best), features=str(spec.features),
                   captions=str(spec.captions))
     records.save("evaluate", record)
-    log(f"evaluate: {len(outcome.image_ids)} {settings['split']} images → {spec.metrics_path}")
+    log(f"evaluate: {len(outcome.image_ids)} {settings.split} images → {spec.metrics_path}")
     return outcome.results

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from extract.safeio import write_text
-from matching.retrieval.evaluate import Hit
+from matching.retrieval.search import Hit
 
 BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4")
 THUMBNAIL = 360

@@ -108,8 +108,8 @@ def trained_toy(toy, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_multiquery(tmp_path_factory):
-    """The multi-query demo's trained HMRN (400 generated scenes, 8 epochs, ~40 s): run_multiquery_demo's outcome."""
-    from pipelines.demo import run_multiquery_demo
+    """The multi-query demo's trained HMRN (400 generated scenes, 8 epochs, ~40 s): run_demo's outcome."""
+    from pipelines.demo import run_demo
 
-    return run_multiquery_demo(tmp_path_factory.mktemp("mq") / "demo", device="cpu", log=lambda line: None,
-                               progress=False)
+    return run_demo(tmp_path_factory.mktemp("mq") / "demo", task="multi-query", device="cpu", log=lambda line: None,
+                    progress=False)

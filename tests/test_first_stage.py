@@ -10,7 +10,7 @@ from matching.data.pairs import Batch
 from matching.model.first_stage import first_stage_loss
 from matching.model.tshsr import build_model
 from matching.retrieval.scoring import pad_tokens
-from matching.training.loop import train_step
+from matching.tasks.matching import train_step
 from tests.conftest import random_captions, random_images, tiny_config
 
 

@@ -67,7 +67,7 @@ def test_the_import_graph_has_no_cycle():
     graph = import_graph()
     assert len(graph) > 40
     assert "extract.roi_outputs" in graph["extract.torchvision_backend"]  # the graph sees real imports
-    assert "matching.model.hmrn" in graph["matching.checkpoint"]  # …including those inside functions
+    assert "matching.tasks" in graph["matching.checkpoint"]  # …including those inside functions
     assert find_cycle(graph) == [], " → ".join(find_cycle(graph))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from matching.config import Config
+from matching.config import Config, EvaluationSettings
 from pipelines.synthetic import Scene, SceneObject, bag_of_words_ceiling, make_binding_scenes
 
 # A small model and a short schedule; everything else (the loss and its terms, the sampler, the batch norm,
@@ -69,8 +69,8 @@ def test_the_defaults_learn_the_binding_a_bag_of_words_cannot(tmp_path):
     train(Config().updated(model=SIZES, train=SCHEDULE), features=features, captions=captions,
           vocab_path=tmp_path / "vocab.json", run_dir=tmp_path / "run", device="cpu", progress=False,
           log=lambda line: None)
-    test = evaluate_checkpoint(tmp_path / "run" / "model_best.pt", features, captions, split="test",
-                               protocol="full", device="cpu").results["full"]
+    test = evaluate_checkpoint(tmp_path / "run" / "model_best.pt", features, captions, device="cpu",
+                               settings=EvaluationSettings(split="test", protocol="full")).results["full"]
     for direction in ("i2t", "t2i"):
         assert test[f"{direction}_r1"] >= ceiling[f"{direction}_r1"] + MARGIN, (
             f"{direction} R@1 {test[f'{direction}_r1']:.1f}: not {MARGIN} above the bag-of-words ceiling "
@@ -83,7 +83,7 @@ def test_the_default_step_optimises_the_papers_loss_alone():
     from matching.data.pairs import Batch
     from matching.model.tshsr import build_model
     from matching.retrieval.scoring import pad_tokens
-    from matching.training.loop import train_step
+    from matching.tasks.matching import train_step
     from matching.training.loss import hardest_negative_loss
     from tests.conftest import random_captions, random_images, tiny_config
 

@@ -72,7 +72,7 @@ def test_edited_settings_rerun_their_stage_and_typos_are_refused_before_any_work
     for section, typo, message in (("vocab", {"treshold": 1}, "unknown vocab option(s): treshold"),
                                    ("train", {"epocs": 1}, "unknown field(s) train.epocs"),
                                    ("model", {"embed": 3}, "unknown field(s) model.embed"),
-                                   ("evaluate", {"protocl": "full"}, "unknown evaluate option(s): protocl"),
+                                   ("evaluate", {"protocl": "full"}, "unknown field(s) evaluate.protocl"),
                                    ("evaluate", {"protocol": "coco2k"}, "evaluate.protocol = 'coco2k'")):
         broken = spec_for(tmp_path, features)
         getattr(broken, section).update(typo)
@@ -85,7 +85,7 @@ def test_edited_settings_rerun_their_stage_and_typos_are_refused_before_any_work
 
 
 def test_a_crash_in_training_is_resumed_by_running_again(tmp_path, monkeypatch):
-    import matching.training.loop as training
+    import matching.tasks.matching as training
 
     features = write_feature_dataset(tmp_path / "f", make_scenes(80, seed=3), feature_dim=32, seed=3)
     spec = spec_for(tmp_path, features)

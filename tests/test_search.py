@@ -7,20 +7,21 @@ from click.testing import CliRunner
 
 from extract.shards import FeatureStore
 from matching import checkpoint
+from matching.config import EvaluationSettings
 from matching.data.captions import group_by_image, read_captions
-from matching.retrieval.evaluate import search_captions, search_images
+from matching.retrieval.search import SearchEngine
 from pipelines.cli import cli
 
 
 def test_a_test_caption_finds_its_image_first(trained_toy):
     features, captions, _, ckpt, _ = trained_toy
-    model, _, vocab = checkpoint.load(ckpt)
-    store = FeatureStore(features)
+    engine = SearchEngine.open(ckpt, features, captions=captions, device="cpu",
+                               settings=EvaluationSettings(split="test"))
     groups = group_by_image(read_captions(captions, "test"))
-    gallery = list(groups)
+    assert sorted(engine.gallery) == sorted(groups)
     found = 0
     for image_id, group in groups.items():
-        hits = search_images(model, vocab, store, group[0].text, k=3, image_ids=gallery)
+        hits = engine.search_text(group[0].text, 3).hits
         assert len(hits) == 3 and hits[0].score >= hits[1].score >= hits[2].score
         found += hits[0].item == image_id
     # chance is 1 in 15
@@ -29,12 +30,11 @@ def test_a_test_caption_finds_its_image_first(trained_toy):
 
 def test_images_rank_their_own_captions_far_above_chance(trained_toy):
     features, captions, _, ckpt, _ = trained_toy
-    model, _, vocab = checkpoint.load(ckpt)
     test = read_captions(captions, "test")
-    store = FeatureStore(features)
+    engine = SearchEngine.open(ckpt, features, captions=captions, device="cpu",
+                               settings=EvaluationSettings(split="test"))
     images = list(group_by_image(test))
-    own = [sum(hit.matches_query_image for hit in search_captions(model, vocab, store, image_id, test, k=5))
-           for image_id in images]
+    own = [sum(hit.matches_query_image for hit in engine.image_captions(image_id, 5).hits) for image_id in images]
     # 15 images × 5 captions: by chance 5 × 5/75 = 0.33 of an image's top 5 are its own. Averaged over
     # every test image, a margin of 4× chance holds on any machine's arithmetic (one image's count does not).
     assert sum(own) / len(own) > 4 * 5 * 5 / len(test), own

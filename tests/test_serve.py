@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from matching.config import EvaluationSettings
 from matching.data.captions import group_by_image, read_captions
-from matching.retrieval.evaluate import search
-from matching.retrieval.search import SearchEngine
+from matching.retrieval.search import SearchEngine, search
 from pipelines.serve.app import Limits, create_app
 from tests.conftest import TINY, random_images, tiny_config, tiny_model
 from tests.serve_helpers import free_port, start_server, stop_server
@@ -25,7 +25,26 @@ from tests.serve_helpers import free_port, start_server, stop_server
 def toy_engine(trained_toy):
     """The trained toy model served over its test split (15 images, 75 captions)."""
     features, captions, _, ckpt, _ = trained_toy
-    return SearchEngine.open(ckpt, features, captions=captions, split="test", device="cpu")
+    return SearchEngine.open(ckpt, features, captions=captions, settings=EvaluationSettings(split="test"),
+                             device="cpu")
+
+
+def attended_regions(engine: SearchEngine, image_id: str, text: str, top: int = 3) -> list:
+    """Eq. 2's α of the text's words over one image's regions, averaged over the words, from its features."""
+    import torch
+
+    from matching.model.similarity import clipped_cosines, region_attention
+
+    features, boxes, count, _ = engine.store.get(image_id)
+    tokens = engine.vocab.encode(text)
+    model = engine.model
+    with torch.inference_mode():
+        image = model.encode_images(torch.from_numpy(features)[None], torch.tensor([count]))
+        words = model.encode_captions(torch.tensor([tokens]), torch.tensor([len(tokens)]))
+        cos = clipped_cosines(image.local, words.local, model.head.attention_clip)
+        alpha = region_attention(cos, image.mask, words.mask, model.head.lambda_i2t)[0, 0]  # (L, K)
+        weights = alpha.mean(0)[:count].numpy()
+    return [(boxes[i].tolist(), float(weights[i])) for i in np.argsort(-weights)[:top]]
 
 
 def client_for(engine: SearchEngine, **options) -> TestClient:
@@ -48,10 +67,12 @@ def test_text_search_equals_the_library_search(trained_toy, toy_engine):
             assert [h["rank"] for h in body["hits"]] == [1, 2, 3, 4, 5]
             assert body["gallery_size"] == library.gallery_size == 15
             for hit, reference in zip(body["hits"], library.hits, strict=True):
-                # the batched attention over the encoded gallery against the one-image reference
-                assert [r["box"] for r in hit["regions"]] == [box for box, _ in reference.regions]
-                np.testing.assert_allclose([r["weight"] for r in hit["regions"]],
-                                           [w for _, w in reference.regions], rtol=1e-5, atol=1e-6)
+                assert hit["regions"] == [{"box": box, "weight": w} for box, w in reference.regions]
+                # the batched attention over the encoded gallery against Eq. 2 computed for this image alone
+                expected = attended_regions(toy_engine, hit["image_id"], caption.text)
+                assert [r["box"] for r in hit["regions"]] == [box for box, _ in expected]
+                np.testing.assert_allclose([r["weight"] for r in hit["regions"]], [w for _, w in expected],
+                                           rtol=1e-5, atol=1e-6)
                 assert hit["image_size"] == [64, 64] and hit["thumbnail"] is None
         body = client.get("/api/search", params={"q": "a red zeppelin", "k": 3}).json()
         assert body["ignored_words"] == ["zeppelin"] and len(body["hits"]) == 3
@@ -60,10 +81,11 @@ def test_text_search_equals_the_library_search(trained_toy, toy_engine):
 def test_a_search_index_serves_the_same_ranking(trained_toy, toy_engine, tmp_path):
     features, captions, _, ckpt, _ = trained_toy
     text = read_captions(captions, "test")[3].text
-    built = SearchEngine.open(ckpt, features, captions=captions, split="test", index_path=tmp_path / "g.idx")
-    loaded = SearchEngine.open(ckpt, features, captions=captions, split="test", index_path=tmp_path / "g.idx")
+    test_split = EvaluationSettings(split="test")
+    built = SearchEngine.open(ckpt, features, captions=captions, settings=test_split, index_path=tmp_path / "g.idx")
+    loaded = SearchEngine.open(ckpt, features, captions=captions, settings=test_split, index_path=tmp_path / "g.idx")
     assert built.info.index_built and not loaded.info.index_built
-    ranked = [[(h.hit.item, h.hit.score) for h in engine.search_text(text, 6).hits]
+    ranked = [[(h.item, h.score) for h in engine.search_text(text, 6).hits]
               for engine in (toy_engine, built, loaded)]
     assert ranked[0] == ranked[1] == ranked[2]
 
@@ -314,16 +336,26 @@ def test_page_schema_and_info(toy_engine):
         assert info["ranker"] == "exact" and info["images"] is False and info["limits"]["max_k"] == 100
 
 
-def test_the_caption_gallery_can_be_encoded_per_request(trained_toy, toy_engine):
-    """Past the memory budget the captions are encoded for each request: the same answer."""
-    image_id = toy_engine.gallery[2]
-    cached = toy_engine.image_captions(image_id, 8)
-    toy_engine._caption_blocks, kept = None, toy_engine._caption_blocks
-    try:
-        fresh = toy_engine.image_captions(image_id, 8)
-    finally:
-        toy_engine._caption_blocks = kept
-    assert [(h.item, h.score) for h in fresh.hits] == [(h.item, h.score) for h in cached.hits]
+def test_the_caption_gallery_is_encoded_once_within_the_budget_and_per_request_past_it(trained_toy, toy_engine,
+                                                                                     monkeypatch):
+    """Within `CAPTION_CACHE_BYTES` the caption gallery is encoded on the first request only; past it, for each
+    request. The answers are the same either way."""
+    import matching.tasks.matching as matching_task
+
+    features, captions, _, ckpt, _ = trained_toy
+    calls = []
+    real = matching_task.encode_captions
+    monkeypatch.setattr(matching_task, "encode_captions", lambda *a, **k: calls.append(1) or real(*a, **k))
+    answers = {}
+    for budget in (matching_task.CAPTION_CACHE_BYTES, 0):
+        monkeypatch.setattr(matching_task, "CAPTION_CACHE_BYTES", budget)
+        engine = SearchEngine.open(ckpt, features, captions=captions, settings=EvaluationSettings(split="test"),
+                                   device="cpu")
+        calls.clear()
+        answers[budget] = [[(h.item, h.score) for h in engine.image_captions(image_id, 8).hits]
+                           for image_id in engine.gallery[:3]]
+        assert len(calls) == (1 if budget else 3), budget
+    assert answers[0] == next(answer for budget, answer in answers.items() if budget)
 
 
 def test_serve_command_refuses_bad_input_in_one_line(trained_toy, tmp_path):

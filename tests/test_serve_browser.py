@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from matching import checkpoint
+from matching.config import EvaluationSettings
 from matching.data.captions import group_by_image, read_captions
-from matching.retrieval.evaluate import search_images
+from matching.retrieval.search import SearchEngine
 from tests.serve_helpers import free_port, start_server, stop_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -53,15 +53,11 @@ def save_screenshot(driver, path: Path) -> None:
 
 def known_pair(features: Path, captions: Path, ckpt: Path) -> tuple[str, list[str]]:
     """A test image and two of its captions that each find it first among the test images."""
-    from extract.shards import FeatureStore
-
-    model, _, vocab = checkpoint.load(ckpt)
-    store = FeatureStore(features)
+    engine = SearchEngine.open(ckpt, features, captions=captions, device="cpu",
+                               settings=EvaluationSettings(split="test"))
     groups = group_by_image(read_captions(captions, "test"))
-    gallery = list(groups)
     for image_id, group in groups.items():
-        first = [c.text for c in group if search_images(model, vocab, store, c.text, k=1,
-                                                        image_ids=gallery)[0].item == image_id]
+        first = [c.text for c in group if engine.search_text(c.text, 1).hits[0].item == image_id]
         if len(first) >= 2:
             return image_id, first[:2]
     raise AssertionError("no test image is found first by two of its captions: the toy model did not learn")

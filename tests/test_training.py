@@ -65,7 +65,7 @@ def test_run_directory_rules(toy, tmp_path):
 
 
 def test_collapse_is_reported_once_with_the_runs_loss(toy, tmp_path, monkeypatch):
-    import matching.training.loop as training
+    import matching.tasks.matching as training
     from matching.tasks.base import StepResult
 
     monkeypatch.setattr(training, "train_step", lambda *args, **kwargs: StepResult(9.6, 0.0))  # batch 24
@@ -82,7 +82,7 @@ def test_collapse_is_reported_once_with_the_runs_loss(toy, tmp_path, monkeypatch
 def test_the_collapse_warning_fits_the_loss_and_the_settings(situation):
     """The reason and the remedy follow the run: hardest negatives or the warm-up's sum over all of them,
     the collapsed value of that loss, the global loss when it is on."""
-    from matching.training.loop import MatchingTask
+    from matching.tasks.matching import MatchingTask
 
     settings = {"hardest from the start": ({"warmup_epochs": 0}, 0, 2 * 32 * 0.2),
                 "after the warm-up": ({"warmup_epochs": 1}, 3, 2 * 32 * 0.2),

@@ -10,15 +10,22 @@ import torch
 from click.testing import CliRunner
 
 from matching import checkpoint
-from matching.config import Config
+from matching.config import Config, EvaluationSettings
 from matching.data.pairs import Batch
-from matching.retrieval.evaluate import evaluate_checkpoint, search
+from matching.retrieval.evaluate import evaluate_checkpoint
 from matching.retrieval.scoring import ImageArrays, score_matrix
+from matching.retrieval.search import search
 from matching.retrieval.shortlist import joint_vectors, two_stage_metrics
-from matching.training.loop import train_step
+from matching.tasks.matching import train_step
 from matching.training.loss import hardest_negative_loss
 from pipelines.cli import cli
 from tests.conftest import SMALL_MODEL, random_captions, random_images, tiny_config, tiny_model
+
+ALL = EvaluationSettings(split=None)  # every caption of the file
+
+
+def shortlisted(k: int) -> EvaluationSettings:
+    return EvaluationSettings(split=None, shortlist=k)
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +50,8 @@ def trained_two_stage(tmp_path_factory):
 
 def test_shortlist_r1_equals_exact_within_a_point_scoring_a_tenth_of_the_pairs(trained_two_stage):
     features, captions, model = trained_two_stage
-    exact = evaluate_checkpoint(model, features, captions, split=None, device="cpu").results["full"]
-    outcome = evaluate_checkpoint(model, features, captions, split=None, device="cpu", shortlist=10)
+    exact = evaluate_checkpoint(model, features, captions, settings=ALL, device="cpu").results["full"]
+    outcome = evaluate_checkpoint(model, features, captions, settings=shortlisted(10), device="cpu")
     two_stage, report = outcome.results["full"], outcome.shortlist["full"]
     assert report.pairs_total == 150 * 750 and report.pairs_scored <= report.pairs_total / 10
     for direction in ("i2t", "t2i"):
@@ -161,21 +168,22 @@ def test_shortlist_refuses_what_it_cannot_do(trained_multiquery, trained_two_sta
     from matching.retrieval.metrics import MetricsError
 
     mq = trained_multiquery
-    queries = mq["features"] / "queries.jsonl"
+    queries = mq.features / "queries.jsonl"
     with pytest.raises(MetricsError, match="multi-query model scores every image"):
-        evaluate_checkpoint(mq["checkpoint"], mq["features"], queries, split="test", device="cpu", shortlist=5)
+        evaluate_checkpoint(mq.checkpoint, mq.features, queries, device="cpu",
+                            settings=EvaluationSettings(split="test", shortlist=5))
     features, captions, model = trained_two_stage
     sims = tmp_path / "sims.npy"
     np.save(sims, np.zeros((150, 750), np.float32))
     with pytest.raises(MetricsError, match="cannot be averaged with full score matrices"):
-        evaluate_checkpoint(model, features, captions, sims_files=[sims], split=None, device="cpu", shortlist=5)
+        evaluate_checkpoint(model, features, captions, settings=shortlisted(5), sims_files=[sims], device="cpu")
 
 
 def test_two_stage_search_re_ranks_the_nearest_images_with_their_exact_scores(trained_two_stage):
     from extract.shards import FeatureStore
     from matching.data.captions import read_captions
-    from matching.retrieval.evaluate import encode_query
     from matching.retrieval.scoring import StoreImages, encode_images
+    from matching.retrieval.search import encode_query
     from matching.retrieval.shortlist import global_vectors, rerank_images
 
     features, captions, path = trained_two_stage
@@ -225,23 +233,23 @@ def test_search_and_serve_commands_take_a_shortlist(trained_two_stage):
                                       "--device", "cpu", "--shortlist", "30", "a red circle"])
     assert result.exit_code == 0, result.output
     assert "two-stage: the model re-ranked the 30 of 150 images nearest by first-stage cosine" in result.output
-    engine = SearchEngine.open(path, features, device="cpu", ranker="shortlist", shortlist=30)
-    exact = SearchEngine.open(path, features, device="cpu", ranker="exact")
+    engine = SearchEngine.open(path, features, device="cpu", settings=EvaluationSettings(split=None, shortlist=30))
+    exact = SearchEngine.open(path, features, device="cpu", settings=EvaluationSettings(split=None, shortlist=0))
     assert SearchEngine.open(path, features, device="cpu").info.ranker == "exact"  # auto: 150 images ≤ 200
     with TestClient(create_app(engine)) as client:
         info = client.get("/api/info").json()
     assert (info["ranker"], info["shortlist"]) == ("shortlist", 30)
     for text in ("a red circle", "a blue square and a green star"):
         two_stage, full = engine.search_text(text, 5).hits, exact.search_text(text, 5).hits
-        scores = {hit.hit.image_id: hit.hit.score for hit in exact.search_queries([text], 150).hits}
+        scores = {hit.image_id: hit.score for hit in exact.search([text], 150).hits}
         for hit in two_stage:
-            assert hit.hit.score == pytest.approx(scores[hit.hit.image_id], abs=1e-5)
-        assert two_stage[0].hit.score <= full[0].hit.score + 1e-6
+            assert hit.score == pytest.approx(scores[hit.image_id], abs=1e-5)
+        assert two_stage[0].score <= full[0].score + 1e-6
         # the attended regions come from the query the ranker encoded: the same as encoding it again
-        shown = {hit.hit.image_id: hit.hit.regions for hit in full}
+        shown = {hit.image_id: hit.regions for hit in full}
         for hit in two_stage:
-            if hit.hit.image_id in shown:
-                for (box, weight), (box_again, weight_again) in zip(hit.hit.regions, shown[hit.hit.image_id],
+            if hit.image_id in shown:
+                for (box, weight), (box_again, weight_again) in zip(hit.regions, shown[hit.image_id],
                                                                     strict=True):
                     assert box == box_again and weight == pytest.approx(weight_again, abs=1e-5)
 
@@ -260,11 +268,11 @@ def test_a_model_without_a_trained_first_stage_is_never_shortlisted(trained_two_
     network.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("first_stage.")})
     checkpoint.save(tmp_path / "bare.pt", network, bare, vocab)
     with pytest.raises(NoFirstStageError, match="bare.pt: this model has no trained first stage"):
-        evaluate_checkpoint(tmp_path / "bare.pt", features, captions, split=None, device="cpu", shortlist=5)
+        evaluate_checkpoint(tmp_path / "bare.pt", features, captions, settings=shortlisted(5), device="cpu")
     with pytest.raises(NoFirstStageError):
         search(tmp_path / "bare.pt", features, query="a red circle", shortlist=20, device="cpu")
     with pytest.raises(NoFirstStageError):
-        SearchEngine.open(tmp_path / "bare.pt", features, device="cpu", ranker="shortlist")
+        SearchEngine.open(tmp_path / "bare.pt", features, device="cpu", settings=shortlisted(30))
     result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(tmp_path / "bare.pt"), "--features",
                                       str(features), "--captions", str(captions), "--split", "", "--device", "cpu",
                                       "--shortlist", "5"])
@@ -274,5 +282,5 @@ def test_a_model_without_a_trained_first_stage_is_never_shortlisted(trained_two_
     older = bare.updated(train={"global_loss_weight": 1.0})
     checkpoint.save(tmp_path / "older.pt", network, older, vocab)
     assert default_search_shortlist(older) == SEARCH_SHORTLIST
-    outcome = evaluate_checkpoint(tmp_path / "older.pt", features, captions, split=None, device="cpu", shortlist=5)
+    outcome = evaluate_checkpoint(tmp_path / "older.pt", features, captions, settings=shortlisted(5), device="cpu")
     assert outcome.shortlist["full"].pairs_scored > 0

@@ -1,19 +1,19 @@
-"""A search engine that stays loaded: the model, the encoded gallery and the caption gallery, once.
+"""The one search path: a model and its gallery loaded once, queries answered by the model's task.
 
-`search` (matching.retrieval.evaluate) loads everything for one query; a server answers many. The
-`SearchEngine` loads the checkpoint and the feature store once, encodes the gallery once (or
-takes it from a search index, `matching.retrieval.index.open_index`) and the caption gallery once (within
-a memory budget), then answers:
+`tshsr-pipe search` (one query, `search`), `tshsr-pipe serve` (many) and the library all go
+through `SearchEngine`. It loads the checkpoint and the feature store once, encodes the gallery
+once (or takes it from a search index, `matching.retrieval.index.open_index`), and answers:
 
-- `search_text(query, k)`: text → images, with the regions the words attend to;
-- `search_queries(queries, k)`: several queries given in rounds → images, with each image's
-  rank after every round (for this single-query matching model: the mean of the queries'
-  scores, `MEAN_OF_QUERIES`; a multi-query checkpoint answers with its own rounds, `ROUNDS`);
-- `image_captions(image_id, k)`: image → captions, the image's own captions marked.
+- `search(queries, k)`: one query, or several given in rounds → images, each hit with its rank
+  after every round and the regions the (latest) query attends to;
+- `image_captions(image_id, k)`: image → the caption gallery's captions, the image's own marked
+  (for a task that ranks captions).
 
-Which images get the model's full score is the `Ranker`'s business: `ExactRanker` scores the
-whole gallery; `ShortlistRanker` only the images nearest to the queries by first-stage cosine,
-re-scored exactly (two-stage search); others plug in through `RANKERS` without changing the engine.
+What varies by task is asked of the task (`matching.tasks.base.Task`): the ranker that chooses
+and scores the candidates (every image, or a first-stage shortlist re-scored exactly; the
+scores after each round: a matching model's mean of the queries' scores, HMRN's own rounds),
+the regions a hit shows, and the scores of captions for an image. Whether a search shortlists
+is decided once, in `SearchEngine.open` (`decide_shortlist`).
 
 Not thread-safe: a server calls one engine from one worker thread (pipelines.serve.worker).
 No web or image-file code here: `matching` imports only torch, numpy and extract's leaves.
@@ -23,37 +23,27 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from extract.shards import FeatureStore
 from matching import checkpoint
+from matching.config import SEARCH_SHORTLIST, Config, EvaluationSettings
 from matching.data.captions import Caption, resolve_image_ids
-from matching.data.text import Vocabulary
+from matching.data.text import Vocabulary, tokenize
 from matching.model.encoders import Embedded
-from matching.model.hmrn import HMRN
-from matching.model.tshsr import TSHSR
-from matching.retrieval.evaluate import Hit, QueryError, check_features, encode_query, gallery_of, search_query_set
-from matching.retrieval.scoring import StoreImages, encode_captions, encode_images, score_matrix
-from matching.retrieval.shortlist import (
-    SEARCH_SHORTLIST,
-    CaptionGroups,
-    default_search_shortlist,
-    encode_queries,
-    first_stage_vectors,
-    global_vectors,
-    require_first_stage,
-    rerank_images,
-)
+from matching.tasks import get_task, task_of_data
+from matching.tasks.base import Ranking
 
-MEAN_OF_QUERIES = "mean"  # search_queries ranks by the mean of the queries' scores
-ROUNDS = "rounds"  # a multi-query checkpoint ranks by its own score after each round (HMRN)
 REGIONS_SHOWN = 3  # attended regions returned with each image hit
-CAPTION_CACHE_BYTES = 2 << 30  # caption embeddings kept in memory up to this size
+
+
+class QueryError(ValueError):
+    """A search query that cannot be answered (no known word, an unknown image id)."""
 
 
 class UnknownImageError(LookupError):
@@ -61,89 +51,38 @@ class UnknownImageError(LookupError):
 
 
 @dataclass
-class Candidates:
-    """What a ranker found for a set of queries: gallery positions and their exact scores."""
+class Hit:
+    """One search result: an image (text → image) or a caption (image → text)."""
 
-    index: np.ndarray  # (c,) int64 positions in the gallery; every image for ExactRanker
-    scores: np.ndarray  # (c, q) float32: the model's score of each candidate for each query
-    queries: CaptionGroups | None = None  # the queries as the model encoded them, when the ranker kept them
+    rank: int  # 1-based
+    score: float
+    item: str  # image id, or caption text
+    image_id: str  # the image shown: the hit itself, or the query image
+    matches_query_image: bool = False  # image → text: the caption belongs to the query image
+    regions: list[tuple[list[float], float]] | None = None  # (box x1 y1 x2 y2, attention weight), strongest first
+    round_ranks: list[int] | None = None  # several queries: the image's 1-based rank after each round
+    image_size: tuple[int, int] | None = None  # (height, width) of the image the boxes refer to
 
 
 class Ranker(Protocol):
-    """Chooses which gallery images the model scores for a set of queries."""
+    """Chooses which gallery images a task's model scores for a search, and scores them (`Task.ranker`)."""
 
-    name: str
+    name: str  # "exact", "shortlist", …, for the service's status
+    shortlist: int  # images a query re-ranks after the first stage (0: every image)
 
-    def candidates(self, queries: Sequence[Sequence[int]], k: int) -> Candidates:
-        """Candidates for token-id queries; must include the `k` best by the combined score it serves."""
+    def rank(self, queries: list[list[int]], k: int) -> Ranking:
+        """Candidates for token-id queries and their scores after each round; they include the `k` best."""
         ...
 
 
-class ExactRanker:
-    """Every gallery image scored by the full model (the scores `tshsr-pipe search` gives)."""
-
-    name = "exact"
-
-    def __init__(self, model: TSHSR, encoded: Embedded, device: torch.device, batch_size: int = 128) -> None:
-        self.model, self.encoded, self.device, self.batch_size = model, encoded, device, batch_size
-
-    def candidates(self, queries: Sequence[Sequence[int]], k: int) -> Candidates:
-        scores = score_matrix(self.model, self.encoded, queries, device=self.device, batch_size=self.batch_size)
-        return Candidates(np.arange(len(self.encoded)), scores)
-
-
-class ShortlistRanker:
-    """Two-stage: the `shortlist` images nearest by first-stage cosine (to each query and to their mean),
-    re-scored by the full model (`matching.retrieval.shortlist.rerank_images`). The gallery's first-stage vectors
-    are computed once, here."""
-
-    name = "shortlist"
-
-    def __init__(self, model: TSHSR, encoded: Embedded, device: torch.device, batch_size: int = 128,
-                 shortlist: int = SEARCH_SHORTLIST) -> None:
-        self.model, self.encoded, self.device, self.batch_size = model, encoded, device, batch_size
-        self.shortlist = shortlist
-        with torch.inference_mode():
-            self.vectors = global_vectors(first_stage_vectors(model.eval(), encoded, "images"))
-
-    def candidates(self, queries: Sequence[Sequence[int]], k: int) -> Candidates:
-        encoded = encode_queries(self.model, queries, self.device, self.batch_size)
-        index, scores = rerank_images(self.model, self.encoded, encoded, max(self.shortlist, k),
-                                      image_vectors=self.vectors, device=self.device, batch_size=self.batch_size)
-        return Candidates(index, scores, encoded)
-
-
-# name → factory(model, encoded gallery, device): how `SearchEngine.open(ranker=…)` builds one;
-# "auto" (the default) is "shortlist" for a model with a trained first stage, else "exact".
-RANKERS: dict[str, Callable[[TSHSR, Embedded, torch.device], Ranker]] = {"exact": ExactRanker,
-                                                                          "shortlist": ShortlistRanker}
-RANKER_CHOICES = ("auto", *RANKERS)
-
-
 @dataclass
-class ImageHit:
-    """A text → image result with what a page needs to draw it."""
+class Found:
+    """What a search found: the last round's best images, and the words the model ignored."""
 
-    hit: Hit  # rank, score, image id, attended regions (box x1 y1 x2 y2 in image pixels, weight)
-    image_size: tuple[int, int]  # (height, width) of the image the boxes refer to
-    rank_by_round: list[int] = field(default_factory=list)  # search_queries: the rank after each round
-
-
-@dataclass
-class TextResult:
-    """`search_text`: the hits and the words the model ignored."""
-
-    hits: list[ImageHit]
-    ignored_words: list[str]
-
-
-@dataclass
-class RoundsResult:
-    """`search_queries`: the final round's hits, each with its rank after every round."""
-
-    hits: list[ImageHit]
-    ignored_words: list[list[str]]  # per query
-    combination: str  # how the queries' scores were combined (MEAN_OF_QUERIES)
+    hits: list[Hit]  # best first; each with its rank after every round and, when asked, its regions
+    ignored_words: list[list[str]]  # per query: its words outside the vocabulary
+    combination: str  # how the rounds' scores were made (the task's `combination`)
+    shortlist: int = 0  # images the model re-ranked after the first stage (0: it scored every image)
 
 
 @dataclass
@@ -160,96 +99,134 @@ class EngineInfo:
     """What the engine serves, for a status endpoint."""
 
     checkpoint: str
+    task: str
     gallery_size: int
     captions: int  # captions in the caption gallery (0: image → text not available)
     device: str
     ranker: str
-    multi_query: str  # MEAN_OF_QUERIES for a single-query matching model
+    multi_query: str  # how several queries combine (the task's `combination`)
     index_path: str | None
     index_built: bool
     start_seconds: float  # time to load the model and encode the galleries
-    shortlist: int = 0  # images a query re-ranks after the global-cosine shortlist (0: every image)
+    shortlist: int = 0  # images a query re-ranks after the first-stage shortlist (0: every image)
+
+
+def encode_query(vocab: Vocabulary, text: str) -> tuple[list[int], list[str]]:
+    """(token ids, the words the vocabulary does not know and the model therefore ignores)."""
+    tokens = vocab.encode(text)
+    unknown = [word for word in tokenize(text) if word not in vocab.word2idx]
+    if all(t == vocab.word2idx.get("<unk>", 3) for t in tokens[1:-1]):
+        raise QueryError(f"none of the words of {text!r} is in the model's vocabulary of {len(vocab)} words")
+    return tokens, unknown
+
+
+def check_features(store: FeatureStore, img_dim: int, num_regions: int, checkpoint_path: object = "the model") -> None:
+    """The feature directory must fit the model's input: a clear error otherwise."""
+    from extract.shards import ShardFormatError
+
+    if store.feature_dim != img_dim:
+        raise ShardFormatError(f"{store.directory}: features are {store.feature_dim}-d, {checkpoint_path} "
+                               f"expects {img_dim}-d region features")
+    if store.max_boxes > num_regions:
+        raise ShardFormatError(f"{store.directory}: images have up to {store.max_boxes} boxes, {checkpoint_path} "
+                               f"was built for {num_regions}")
+
+
+def gallery_of(data_file: str | os.PathLike, split: str | None) -> tuple[set[str], list[Caption]]:
+    """(the image ids of a data file's split, its captions (none for query sets)), read by the file's task."""
+    return task_of_data(data_file).gallery(data_file, split)
+
+
+def decide_shortlist(config: Config, asked: int | None, gallery_size: int, source: object) -> int:
+    """The images a search re-ranks after the first stage: 0 scores every image.
+
+    `asked` None: `SEARCH_SHORTLIST` for a model with a trained first stage and a gallery larger than
+    that, else 0; 0: every image; K > 0: K (NoFirstStageError for a model without a first stage).
+    """
+    from matching.retrieval.shortlist import require_first_stage
+
+    task = get_task(config.task)
+    if asked is None:
+        asked = SEARCH_SHORTLIST if task.has_first_stage(config) else 0
+    elif asked:
+        require_first_stage(config, source)
+    return asked if asked and asked < gallery_size else 0
 
 
 class SearchEngine:
     """A loaded model with its gallery encoded once; see the module docstring."""
 
-    def __init__(self, model: TSHSR, vocab: Vocabulary, store: FeatureStore, gallery: list[str], *,
-                 encoded: Embedded, captions: Sequence[Caption] = (), device: torch.device | str = "cpu",
-                 ranker: Ranker | None = None, batch_size: int = 128,
-                 caption_cache_bytes: int = CAPTION_CACHE_BYTES) -> None:
+    def __init__(self, model: torch.nn.Module, config: Config, vocab: Vocabulary, store: FeatureStore,
+                 gallery: list[str], *, encoded: Embedded, captions: Sequence[Caption] = (),
+                 device: torch.device | str = "cpu", shortlist: int = 0, batch_size: int = 128) -> None:
         if len(encoded) != len(gallery):
             raise ValueError(f"{len(encoded)} encoded images for a gallery of {len(gallery)}")
         device = torch.device(device)
-        self.model, self.vocab, self.store, self.gallery = model.eval().to(device), vocab, store, list(gallery)
+        self.task = get_task(config.task)
+        self.model, self.config, self.vocab, self.store = model.eval().to(device), config, vocab, store
+        self.gallery = list(gallery)
         self.encoded, self.device, self.batch_size = encoded.to(device), device, batch_size
         self.position = {image_id: i for i, image_id in enumerate(self.gallery)}
-        self.ranker = ranker or ExactRanker(self.model, self.encoded, device, batch_size)
-        self.multi = isinstance(model, HMRN)
-        if self.multi and captions:
-            raise ValueError("a multi-query model ranks images for queries, not captions: no caption gallery")
+        self.ranker = self.task.ranker(self.model, self.encoded, device, shortlist, batch_size)
         self.captions = list(captions)
         owners = resolve_image_ids({c.image_id for c in self.captions}, self.gallery)
         self.caption_owner = [owners.get(c.image_id) for c in self.captions]  # gallery id or None
         self.caption_tokens = [vocab.encode(c.text) for c in self.captions]
-        self._caption_blocks = self._encode_captions() if self._caption_bytes() <= caption_cache_bytes else None
-        self.info = EngineInfo(checkpoint="", gallery_size=len(gallery), captions=len(self.captions),
-                               device=str(device), ranker=self.ranker.name,
-                               multi_query=ROUNDS if self.multi else MEAN_OF_QUERIES,
-                               index_path=None, index_built=False, start_seconds=0.0,
-                               shortlist=getattr(self.ranker, "shortlist", 0))
+        self._caption_cache: dict[str, Any] = {}  # the task's encoded caption gallery, made on first use
+        self.info = EngineInfo(checkpoint="", task=config.task, gallery_size=len(gallery),
+                               captions=len(self.captions), device=str(device), ranker=self.ranker.name,
+                               multi_query=self.task.combination, index_path=None, index_built=False,
+                               start_seconds=0.0, shortlist=self.ranker.shortlist)
 
     @classmethod
     def open(cls, checkpoint_path: str | os.PathLike, features: str | os.PathLike, *,
-             captions: str | os.PathLike | None = None, split: str | None = None,
-             index_path: str | os.PathLike | None = None, device: str = "auto", ranker: str = "auto",
-             shortlist: int = SEARCH_SHORTLIST, batch_size: int = 128) -> SearchEngine:
-        """Load a checkpoint and a gallery as `tshsr-pipe search` does, once.
+             captions: str | os.PathLike | None = None, index_path: str | os.PathLike | None = None,
+             rebuild_index: bool = False, device: str = "auto", settings: EvaluationSettings | None = None,
+             images: Sequence[str] | None = None) -> SearchEngine:
+        """Load a checkpoint and a gallery once.
 
-        `captions` (+ `split`) limit the gallery to the split's images, as in `search`, and are
-        the caption gallery of `image_captions`. `index_path` loads (or builds) the encoded
-        gallery from a search index; without it the gallery is encoded in memory. `ranker`: a
-        name in `RANKERS`, or "auto": "shortlist" for a model with a trained first stage
-        (`matching.retrieval.shortlist.has_first_stage`) and a gallery larger than `shortlist`, else "exact".
+        `captions` (+ `settings.split`) limit the gallery to the split's images and are the
+        caption gallery of `image_captions` (a caption file; a multi-query file gives its images
+        only). `images` limits the gallery further to these ids. `index_path` loads (or builds) the
+        encoded gallery from a search index; without it the gallery is encoded in memory.
+        `settings.shortlist`: see `decide_shortlist`.
         QueryError, CheckpointError, ShardFormatError, SearchIndexError … for input that cannot serve.
         """
         from extract.runtime import resolve_device
         from matching.retrieval.index import open_index
+        from matching.retrieval.scoring import StoreImages, encode_images
 
+        settings = settings or EvaluationSettings(split=None)
         started = time.perf_counter()
-        if split and captions is None:
-            raise QueryError(f"--split {split} needs --captions: the file that says which images are in it")
-        if ranker not in RANKER_CHOICES:
-            raise QueryError(f"ranker {ranker!r}: not one of {', '.join(RANKER_CHOICES)}")
+        if settings.split and captions is None:
+            raise QueryError(f"--split {settings.split} needs --captions: the file that says which images are in it")
         target = resolve_device(device)
         model, config, vocab = checkpoint.load(checkpoint_path, map_location=target)
         store = FeatureStore(features)
         check_features(store, config.model.img_dim, config.model.num_regions, checkpoint_path)
         selected: list[Caption] = []
         gallery = store.image_ids
-        if captions is not None:  # a caption file, or a multi-query file (its images; no captions)
-            image_ids, selected = gallery_of(captions, split)
+        if captions is not None:
+            image_ids, selected = gallery_of(captions, settings.split)
             gallery = sorted(set(resolve_image_ids(image_ids, store.image_ids).values()))
+            if not gallery and images is None:
+                raise QueryError(f"{captions}: none of its {settings.split or ''} images is in {store.directory}")
+        if images is not None:  # these images whatever the captions' split
+            known = set(store.image_ids)
+            gallery = [image_id for image_id in images if image_id in known]
             if not gallery:
-                raise QueryError(f"{captions}: none of its {split or ''} images is in {store.directory}")
+                raise QueryError(f"none of the images {list(images)[:3]} is in {store.directory}")
+        shortlist = decide_shortlist(config, settings.shortlist, len(gallery), checkpoint_path)
         built = False
         if index_path is not None:
-            index = open_index(index_path, model, checkpoint_path, store, gallery, device=target,
-                               batch_size=batch_size)
+            index = open_index(index_path, model, checkpoint_path, store, gallery, rebuild=rebuild_index,
+                               device=target, batch_size=settings.batch_size)
             encoded, built = index.encoded, index.built
         else:
             with torch.inference_mode():
-                encoded = encode_images(model, StoreImages(store, gallery), target, batch_size)
-        if config.task == "multi-query":
-            ranker = "exact"  # HMRN scores every image; its rounds are its own
-        elif ranker == "shortlist":
-            require_first_stage(config, checkpoint_path)
-        elif ranker == "auto":
-            ranker = "shortlist" if default_search_shortlist(config) and shortlist < len(gallery) else "exact"
-        engine = cls(model, vocab, store, gallery, encoded=encoded, captions=selected, device=target,
-                     ranker=RANKERS[ranker](model, encoded.to(target), target, batch_size,
-                                            **({"shortlist": shortlist} if ranker == "shortlist" else {})),
-                     batch_size=batch_size)
+                encoded = encode_images(model, StoreImages(store, gallery), target, settings.batch_size)
+        engine = cls(model, config, vocab, store, gallery, encoded=encoded, captions=selected, device=target,
+                     shortlist=shortlist, batch_size=settings.batch_size)
         engine.info.checkpoint = str(checkpoint_path)
         engine.info.index_path = str(index_path) if index_path is not None else None
         engine.info.index_built = built
@@ -258,24 +235,12 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ text → images
 
-    def search_text(self, query: str, k: int) -> TextResult:
-        """The `k` best gallery images for a text, best first, with their attended regions."""
-        if self.multi:  # one round of the model's own rounds
-            found = self.search_queries([query], k)
-            return TextResult(found.hits, found.ignored_words[0])
-        tokens, ignored = encode_query(self.vocab, query)
-        found = self.ranker.candidates([tokens], k)
-        order = np.argsort(-found.scores[:, 0], kind="stable")[:k]
-        positions = found.index[order]
-        caption = found.queries.caption(0) if found.queries is not None else None
-        return TextResult(self._image_hits(positions, found.scores[order, 0], tokens, caption), ignored)
+    def search(self, queries: Sequence[str], k: int, *, regions: bool = True) -> Found:
+        """The `k` best gallery images for one query or several given in rounds, best first.
 
-    def search_queries(self, queries: Sequence[str], k: int) -> RoundsResult:
-        """The `k` best images for queries given in rounds, by the mean of their scores.
-
-        Round r ranks the candidates by the mean score of queries 1..r; each hit of the last
-        round carries its rank after every round (1-based, among the ranker's candidates), so
-        a page can show how adding a query moved it. One query gives `search_text`'s ranking.
+        Round r ranks by the task's score after the first r queries; each hit carries its rank
+        after every round (1-based, among the ranker's candidates) and, with `regions`, the
+        regions the latest query attends to most (what the last round added).
         """
         if not queries:
             raise QueryError("give at least one query")
@@ -284,93 +249,45 @@ class SearchEngine:
             try:
                 encoded.append(encode_query(self.vocab, text))
             except QueryError as error:
-                raise QueryError(f"query {number}: {error}") from None
-        if self.multi:
-            return self._rounds(queries, k, [ignored for _, ignored in encoded])
-        found = self.ranker.candidates([tokens for tokens, _ in encoded], k)
-        cumulative = np.cumsum(found.scores.astype(np.float64), axis=1)  # (c, q)
-        rounds = cumulative / np.arange(1, len(queries) + 1)  # (c, q): column r = mean of queries 0..r
-        ranks = np.empty(rounds.shape, np.int64)  # (c, q): rank of each candidate after each round
-        for r in range(len(queries)):
+                raise QueryError(f"query {number}: {error}" if len(queries) > 1 else str(error)) from None
+        tokens = [ids for ids, _ in encoded]
+        ranking = self.ranker.rank(tokens, k)
+        rounds = ranking.scores  # (c, R)
+        ranks = np.empty(rounds.shape, np.int64)  # (c, R): the rank of each candidate after each round
+        for r in range(rounds.shape[1]):
             ranks[np.argsort(-rounds[:, r], kind="stable"), r] = np.arange(1, len(rounds) + 1)
-        # one query: keep the float32 score itself, so search_queries([q]) is search_text(q) exactly
-        final = found.scores[:, 0] if len(queries) == 1 else rounds[:, -1].astype(np.float32)
-        order = np.argsort(-final, kind="stable")[:k]
-        # the regions shown are those the latest query attends to: what the last round added
-        last = found.queries.caption(len(queries) - 1) if found.queries is not None else None
-        hits = self._image_hits(found.index[order], final[order], encoded[-1][0], last)
-        for hit, row in zip(hits, order, strict=True):
-            hit.rank_by_round = ranks[row].tolist()
-        return RoundsResult(hits, [ignored for _, ignored in encoded], MEAN_OF_QUERIES)
-
-    def _rounds(self, queries: Sequence[str], k: int, ignored: list[list[str]]) -> RoundsResult:
-        """A multi-query model's answer: its score after the last round, its ranks after every round."""
-        hits, _ = search_query_set(self.model, self.vocab, self.store, queries, k=k, image_ids=self.gallery,
-                                   device=self.device, batch_size=self.batch_size, with_regions=True,
-                                   encoded=self.encoded)
-        found = [ImageHit(hit, self.store.get(hit.image_id)[3], rank_by_round=hit.round_ranks) for hit in hits]
-        return RoundsResult(found, ignored, ROUNDS)
-
-    def _image_hits(self, positions: np.ndarray, scores: np.ndarray, tokens: list[int],
-                    caption: Embedded | None = None) -> list[ImageHit]:
-        weights = self.region_weights(positions, tokens, caption) if len(positions) else []
+        order = np.argsort(-rounds[:, -1], kind="stable")[:k]
+        positions = ranking.positions[order]
+        weights = (self.task.regions(self.model, self.encoded.select(torch.as_tensor(positions, device=self.device)),
+                                     tokens, ranking) if regions and len(positions) else None)
         hits = []
-        for rank, (position, score, row) in enumerate(zip(positions, scores, weights, strict=True), 1):
+        for rank, (row, position) in enumerate(zip(order, positions, strict=True), 1):
             image_id = self.gallery[int(position)]
-            _, boxes, k, size = self.store.get(image_id)
-            strongest = np.argsort(-row[:k])[:REGIONS_SHOWN]
-            regions = [(boxes[i].tolist(), float(row[i])) for i in strongest]
-            hits.append(ImageHit(Hit(rank, float(score), image_id, image_id, regions=regions), size))
-        return hits
+            hit = Hit(rank, float(rounds[row, -1]), image_id, image_id, round_ranks=ranks[row].tolist())
+            if weights is not None:
+                _, boxes, count, size = self.store.get(image_id)
+                strongest = np.argsort(-weights[rank - 1][:count])[:REGIONS_SHOWN]
+                hit.regions = [(boxes[i].tolist(), float(weights[rank - 1][i])) for i in strongest]
+                hit.image_size = size
+            hits.append(hit)
+        return Found(hits, [ignored for _, ignored in encoded], self.task.combination, self.ranker.shortlist)
 
-    def region_weights(self, positions: np.ndarray, tokens: list[int], caption: Embedded | None = None) -> np.ndarray:
-        """How much a caption's words attend to each region of already-encoded gallery images:
-        Eq. 2's α averaged over the words, (n, K) (padded regions 0), as
-        `matching.retrieval.evaluate.attended_regions` computes it for one image from its features.
-        `caption`: the caption as the model encoded it (1, L, d), when the ranker kept it."""
-        from matching.model.similarity import clipped_cosines, region_attention
-
-        index = torch.as_tensor(np.asarray(positions, np.int64), device=self.device)
-        with torch.inference_mode():
-            images = self.encoded.select(index)  # (n, K, d)
-            if caption is None:
-                caption = self.model.encode_captions(torch.tensor([tokens], device=self.device),
-                                                     torch.tensor([len(tokens)]))  # (1, L, d)
-            cos = clipped_cosines(images.local, caption.local, self.model.head.attention_clip)  # (n, 1, K, L)
-            alpha = region_attention(cos, images.mask, caption.mask, self.model.head.lambda_i2t)  # (n, 1, L, K)
-            return alpha[:, 0].mean(1).cpu().numpy()  # (n, K)
+    def search_text(self, query: str, k: int) -> Found:
+        """The `k` best gallery images for one text (`search` with one query)."""
+        return self.search([query], k)
 
     # ------------------------------------------------------------------ image → captions
 
     def image_captions(self, image_id: str, k: int) -> CaptionsResult:
         """The `k` captions of the caption gallery that best describe a gallery image, best first."""
         position = self.require(image_id)
-        if self.multi:
-            raise QueryError("a multi-query model ranks images for queries, not captions for an image")
-        if not self.captions:
-            raise QueryError("no caption gallery: start with --captions to rank captions for an image")
-        scores = np.zeros(len(self.captions), np.float32)
         image = self.encoded.select(slice(position, position + 1))
-        with torch.inference_mode():
-            for index, block in self._caption_blocks or self._encode_captions():
-                scores[index.numpy()] = self.model.pair_scores(image, block)[0].float().cpu().numpy()
+        scores = self.task.caption_scores(self.model, image, self.caption_tokens, self._caption_cache)
         order = np.argsort(-scores, kind="stable")[:k]
         hits = [Hit(rank, float(scores[i]), self.captions[i].text, image_id,
                     matches_query_image=self.caption_owner[i] == image_id) for rank, i in enumerate(order, 1)]
         own = [c.text for c, owner in zip(self.captions, self.caption_owner, strict=True) if owner == image_id]
         return CaptionsResult(image_id, hits, own)
-
-    def _caption_bytes(self) -> int:
-        """Memory of the encoded caption gallery: blocks padded to their longest caption, float32."""
-        lengths = sorted(len(t) for t in self.caption_tokens)
-        d = self.encoded.local.shape[-1]
-        padded = sum(len(lengths[i:i + self.batch_size]) * lengths[i:i + self.batch_size][-1]
-                     for i in range(0, len(lengths), self.batch_size))
-        return 4 * d * (padded + len(lengths))
-
-    def _encode_captions(self) -> list[tuple[torch.Tensor, Embedded]]:
-        with torch.inference_mode():
-            return encode_captions(self.model, self.caption_tokens, self.device, self.batch_size)
 
     # ------------------------------------------------------------------ the gallery
 
@@ -380,3 +297,61 @@ class SearchEngine:
             return self.position[image_id]
         except (KeyError, TypeError):
             raise UnknownImageError(f"image {image_id!r} is not in the gallery") from None
+
+
+@dataclass
+class SearchResult:
+    """What `search` found, and what the user should know about how."""
+
+    hits: list[Hit]
+    mode: str  # "text" (text → images) or "image" (image → captions)
+    query: str
+    ignored_words: list[str] = field(default_factory=list)  # query words outside the vocabulary
+    index_built: bool = False  # the gallery was encoded into a new index file by this call
+    gallery_size: int = 0
+    shortlist: int = 0  # images the full model re-ranked after the first stage (0: it scored all)
+
+
+def search(
+    checkpoint_path: str | os.PathLike,
+    features: str | os.PathLike,
+    *,
+    query: str | Sequence[str] | None = None,
+    image_id: str | None = None,
+    captions: str | os.PathLike | None = None,
+    split: str | None = None,
+    k: int = 10,
+    index_path: str | os.PathLike | None = None,
+    rebuild_index: bool = False,
+    with_regions: bool = False,
+    device: str = "auto",
+    shortlist: int | None = None,
+) -> SearchResult:
+    """One search through a `SearchEngine` opened for it: images for a text `query` (several texts, given
+    in rounds), or the captions of `captions` for an `image_id`.
+
+    `captions` + `split` limit a text search to the images of that split; `index_path` keeps the
+    gallery encoded by the model between searches; `shortlist` as `decide_shortlist`.
+    QueryError, CaptionFormatError, ShardFormatError … for input that cannot be answered.
+    """
+    texts = [query] if isinstance(query, str) else list(query or [])
+    if bool(texts) == (image_id is not None):
+        raise QueryError("give either a text QUERY or --image ID")
+    if image_id is not None and captions is None:
+        raise QueryError("--image needs --captions: the captions to rank")
+    settings = EvaluationSettings(split=split, shortlist=shortlist)
+    if image_id is not None:  # only the query image is encoded; the captions are its gallery
+        store = FeatureStore(features)
+        resolved = resolve_image_ids([image_id], store.image_ids).get(image_id)
+        if resolved is None:
+            raise QueryError(f"image {image_id!r} is not in {store.directory}")
+        engine = SearchEngine.open(checkpoint_path, features, captions=captions, device=device, settings=settings,
+                                   images=[resolved])
+        found = engine.image_captions(resolved, k)
+        return SearchResult(found.hits, "image", image_id, gallery_size=len(engine.captions))
+    engine = SearchEngine.open(checkpoint_path, features, captions=captions, index_path=index_path,
+                               rebuild_index=rebuild_index, device=device, settings=settings)
+    base = {"index_built": engine.info.index_built, "gallery_size": len(engine.gallery)}
+    result = engine.search(texts, k, regions=with_regions)
+    return SearchResult(result.hits, "text", " · ".join(texts), [w for words in result.ignored_words for w in words],
+                        shortlist=result.shortlist, **base)

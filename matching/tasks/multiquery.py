@@ -1,8 +1,12 @@
-"""Training HMRN in the one training loop of `matching.training.loop` (the ``multi-query`` task).
+"""The ``multi-query`` task: several region queries given in rounds → one image (HMRN, `matching.model.hmrn`).
 
-The loop brings the run directory, resume, checkpoints, signals, logs, collapse detection and
-DistributedDataParallel; this module brings the data (query sets, `max_turns` queries drawn per
-image in a fresh order each epoch), HMRN's loss and the per-round validation.
+Multi-query JSONL files in (image_id, split, queries); in the one training loop of
+`matching.training.loop` (run directory, resume, checkpoints, signals, logs, collapse
+detection, DistributedDataParallel) it brings the data (query sets, `max_turns` queries drawn
+per image in a fresh order each epoch), HMRN's loss and the per-round validation; evaluation
+ranks every image of the split for every set after each round (R@1/5/10 and mean rank per
+round); a search scores every image with the model's own rounds, and a hit shows the regions
+its queries attend to in the reasoning.
 
 Under torchrun each process scores its images against every process's query sets (rows) and
 every image against its own sets (columns): its rows hold the image-to-sets InfoNCE terms of its
@@ -18,31 +22,36 @@ the model is evaluated with).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from extract.runtime import Launch
 from extract.shards import FeatureStore
-from matching.config import Config
+from matching.config import PRESETS, Config, EvaluationSettings, MultiQueryConfig
 from matching.data.queries import (
     MultiQueryDataset,
     QuerySetBatch,
     QuerySetBatchSampler,
     build_query_data,
     collate_query_sets,
+    is_query_file,
     read_query_sets,
     read_query_split,
+    set_images,
 )
 from matching.data.text import Vocabulary
+from matching.model.encoders import Embedded
 from matching.model.hmrn import HMRN, MultiQuerySimilarities, build_hmrn, multiquery_loss_part, score_rounds
-from matching.retrieval.metrics import round_metrics
+from matching.retrieval.metrics import MetricsError, format_round_table, round_chance, round_metrics
 from matching.retrieval.scoring import StoreImages
-from matching.tasks.base import COLLAPSE_STEPS, StepResult, TrainingData
+from matching.tasks.base import COLLAPSE_STEPS, EvaluationData, Ranking, StepResult, TrainingData
 from matching.training.distributed import gather_embedded, gather_rows, images_split_among_ranks
 
 
@@ -63,10 +72,40 @@ class GlobalBatchSimilarities(nn.Module):
 
 
 class MultiQueryTask:
-    """Several region queries → one image (HMRN)."""
+    """Several region queries → one image (see the module docstring)."""
 
     name = "multi-query"
+    model_config = MultiQueryConfig
+    recipe = PRESETS["hmrn"]  # HMRN's recipe (its opts.py)
+    variants: dict[str, dict[str, Any]] = {}
+    legacy_fields: dict[str, Any] = {}
+    run_prefix = "hmrn"
+    data_file = "a multi-query JSONL file (image_id, split, queries)"
+    unit = "query sets"
+    combination = "rounds"  # the model's own score after each round
     metric_fields = ("first_r1", "last_r1", "last_r5", "last_r10", "last_meanr", "rsum")
+
+    # ------------------------------------------------------------------ data and network
+
+    def reads(self, path: str | os.PathLike) -> bool:
+        return is_query_file(path)
+
+    def vocabulary_texts(self, path: str | os.PathLike, splits: Sequence[str] | None) -> list[str]:
+        """The queries of `splits` (default train)."""
+        return [q for item in read_query_split(path, list(splits or ("train",)), "the vocabulary")
+                for q in item.queries]
+
+    def gallery(self, path: str | os.PathLike, split: str | None) -> tuple[set[str], list[Any]]:
+        sets = read_query_split(path, split, "search") if split else read_query_sets(path)
+        return {item.image_id for item in sets}, []
+
+    def build_model(self, config: MultiQueryConfig) -> HMRN:
+        return build_hmrn(config)
+
+    def has_first_stage(self, config: Config) -> bool:
+        return False  # HMRN scores every image; its rounds are its own
+
+    # ------------------------------------------------------------------ training
 
     def load_data(self, config: Config, features: Path, data_file: Path, vocab: Vocabulary, train_split: str,
                   val_split: str | None, log: Callable[[str], None]) -> tuple[Config, TrainingData]:
@@ -93,9 +132,6 @@ class MultiQueryTask:
                     : config.train.val_images]
             validation = (val.image_ids, [queries[:turns] for queries in val.queries])
         return config, TrainingData(store, dataset, validation)
-
-    def build_model(self, config: Config) -> HMRN:
-        return build_hmrn(config.model)
 
     def batches(self, data: TrainingData, config: Config, launch: Launch) -> tuple[QuerySetBatchSampler, Callable]:
         sampler = QuerySetBatchSampler(len(data.dataset), config.train.batch_size * launch.world_size,
@@ -166,6 +202,96 @@ class MultiQueryTask:
                 f"{collapsed:.3f} once every score is equal). Remedy: lower --lr (now "
                 f"{config.train.learning_rate:g}), or check that the queries describe their images (tshsr-pipe "
                 "search on a few training sets).")
+
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluation_data(self, path: str | os.PathLike, split: str | None, store: FeatureStore,
+                        settings: EvaluationSettings, configs: Sequence[Config],
+                        sims_files: Sequence[str | os.PathLike]) -> EvaluationData:
+        """Every image of the split with its query set's first T queries (T: the models' `max_turns`, or the
+        rounds of the saved score tensors)."""
+        sets = read_query_split(path, split, "evaluation") if split else read_query_sets(path)
+        turns = min((config.model.max_turns for config in configs), default=0) or _rounds_of(sims_files[0])
+        image_ids = set_images(sets, store.image_ids, turns)
+        return EvaluationData(image_ids, [list(item.queries[:turns]) for item in sets],
+                              (turns, len(image_ids), len(image_ids)), len(sets))
+
+    def encode(self, data: EvaluationData, vocab: Vocabulary) -> list[list[list[int]]]:
+        return [[vocab.encode(q) for q in queries] for queries in data.texts]
+
+    def score(self, model: HMRN, images: Any, tokens: list[list[list[int]]], data: EvaluationData,
+              settings: EvaluationSettings, launch: Launch, device: torch.device, *, progress: bool,
+              log: Callable[[str], None] | None) -> np.ndarray:
+        rounds = data.shape[0]
+        return images_split_among_ranks(
+            lambda share: score_rounds(model, share, tokens, rounds=rounds, device=device,
+                                       batch_size=settings.batch_size, memory_budget=settings.memory_budget_bytes),
+            images, launch, device, image_axis=2)
+
+    def metrics(self, scores: np.ndarray, data: EvaluationData, settings: EvaluationSettings) -> dict[str, Any]:
+        return round_metrics(scores)
+
+    def two_stage(self, models: Sequence[HMRN], configs: Sequence[Config], sources: Sequence[Any], images: Any,
+                  tokens: Sequence[list[Any]], data: EvaluationData, settings: EvaluationSettings,
+                  device: torch.device, *, progress: bool,
+                  log: Callable[[str], None] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        raise MetricsError("--shortlist re-ranks a matching model's first-stage shortlist; a multi-query model "
+                           "scores every image")
+
+    def table(self, results: dict[str, Any], reports: dict[str, Any] | None, n_images: int) -> str:
+        return format_round_table(results, round_chance(n_images))
+
+    # ------------------------------------------------------------------ search
+
+    def ranker(self, model: HMRN, gallery: Embedded, device: torch.device, shortlist: int,
+               batch_size: int) -> RoundsRanker:
+        return RoundsRanker(model, gallery, device, batch_size)
+
+    def regions(self, model: HMRN, images: Embedded, queries: list[list[int]], ranking: Ranking) -> np.ndarray:
+        """The reasoning's query → region attention, averaged over the queries: (n, K), padded regions 0."""
+        from matching.data.queries import pad_query_sets
+        from matching.model.similarity import clipped_cosines, region_attention
+
+        device = images.local.device
+        with torch.inference_mode():
+            tokens, lengths = pad_query_sets([queries])
+            encoded = model.encode_queries(tokens.to(device), lengths.to(device))  # (1, T, d)
+            cosines = clipped_cosines(images.local, encoded.local)  # (n, 1, K, T)
+            alpha = region_attention(cosines, images.mask, encoded.mask, model.reasoning.lam)  # (n, 1, T, K)
+            return alpha[:, 0].mean(1).float().cpu().numpy()  # (n, K)
+
+    def caption_scores(self, model: HMRN, image: Embedded, tokens: list[list[int]],
+                       cache: dict[str, Any]) -> np.ndarray:
+        from matching.retrieval.search import QueryError
+
+        raise QueryError("a multi-query model ranks images for queries, not captions for an image")
+
+
+class RoundsRanker:
+    """HMRN's search: every gallery image scored for the queries after each round (`score_rounds`)."""
+
+    name = "rounds"
+    shortlist = 0
+
+    def __init__(self, model: HMRN, gallery: Embedded, device: torch.device, batch_size: int = 128) -> None:
+        self.model, self.gallery, self.device, self.batch_size = model, gallery, device, batch_size
+
+    def rank(self, queries: list[list[int]], k: int) -> Ranking:
+        scores = score_rounds(self.model, self.gallery, [queries], rounds=len(queries), device=self.device,
+                              batch_size=self.batch_size)[:, 0]  # (R, N)
+        return Ranking(np.arange(len(self.gallery)), np.ascontiguousarray(scores.T))
+
+
+def _rounds_of(path: str | os.PathLike) -> int:
+    """The rounds of a saved multi-query score tensor (rounds × sets × images)."""
+    try:
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError) as error:
+        raise MetricsError(f"{path}: not a readable .npy score matrix ({str(error).splitlines()[0][:200]})") from None
+    if len(shape) != 3:
+        raise MetricsError(f"{path}: a multi-query score tensor is (rounds × query sets × images), not {shape}")
+    return int(shape[0])
 
 
 def _loss_weights(config: Config) -> dict[str, float]:

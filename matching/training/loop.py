@@ -1,7 +1,8 @@
-"""Training: features + captions + vocabulary → a run directory (DESIGN §5.9; files in `matching.training.rundir`).
+"""Training: features + captions + vocabulary → a run directory (files in `matching.training.rundir`).
 
 `train` is the one entry point (the `train` command, the pipeline's train stage and the
-tests call it):
+tests call it), and the one loop of every task (`matching.tasks`): the task supplies the
+data, the network, the batches, the optimizer step and the validation; the loop does the rest.
 
 - the run directory belongs to one process (a lock file with its host and pid); a
   directory that holds a run is reused only to `resume` it or with `overwrite`;
@@ -22,7 +23,6 @@ tests call it):
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import signal
@@ -34,35 +34,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from extract.runtime import Launch, StopSignals, interactive, progress_bar
-from extract.shards import FeatureStore
 from matching import checkpoint
 from matching.config import RESUMABLE, Config, apply_settings, settings_differences
-from matching.data.captions import evaluation_set, read_captions, read_split
-from matching.data.pairs import Batch, EpochBatchSampler, PairDataset, build_pairs, collate_pairs
 from matching.data.text import Vocabulary
-from matching.model.first_stage import first_stage_loss, info_nce_rows
-from matching.model.tshsr import TSHSR, build_model
-from matching.retrieval.metrics import recall_metrics
-from matching.retrieval.scoring import StoreImages
-from matching.tasks.base import COLLAPSE_SPREAD, COLLAPSE_STEPS, StepResult, TrainingData, TrainingTask
+from matching.tasks import get_task
+from matching.tasks.base import COLLAPSE_SPREAD, COLLAPSE_STEPS, Task, TrainingData
 from matching.training.distributed import (
-    GlobalBatchScores,
     agree,
-    gather_rows,
     rng_states,
-    score_matrix_ranks,
     setup,
     teardown,
 )
-from matching.training.loss import hardest_negative_loss, hinge_rows
-from matching.training.rundir import RECALL_FIELDS, RunDirectory, RunError
+from matching.training.rundir import RunDirectory, RunError
 
-__all__ = ["RunError", "TrainResult", "learning_rate", "train", "train_step"]
+__all__ = ["RunError", "TrainResult", "learning_rate", "train", "train_from_choices"]
 
 
 @dataclass
@@ -109,212 +97,6 @@ def _restore_rng(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------- one step
-
-
-def train_step(model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, config: Config,
-               device: torch.device, hardest: bool, *, ddp: torch.nn.Module | None = None) -> StepResult:
-    """One optimizer step on a batch: the paper's loss of the global batch, the spread of the scores
-    computed here and, for a model with a first-stage head, that head's own loss.
-
-    With `ddp` (a DistributedDataParallel(GlobalBatchScores)), this rank holds a slice
-    of the global batch: it scores its images against every caption and every image
-    against its captions, so the hardest negatives are sought in the whole global batch;
-    the per-rank losses sum to the single-process loss of that batch. With
-    `train.global_loss_weight` > 0 the same hinge on the global vectors' cosines is added.
-    The first-stage head (`matching.model.first_stage`) learns from detached inputs, under its own
-    loss and its own gradient clipping: the paper model's step is the same with or without it.
-    """
-    features = batch.features.to(device, non_blocking=True)
-    num_boxes = batch.num_boxes.to(device, non_blocking=True)
-    tokens, lengths = batch.tokens.to(device, non_blocking=True), batch.lengths.to(device, non_blocking=True)
-    image_index = batch.image_index.to(device)
-    amp = config.train.mixed_precision and device.type == "cuda"
-    margin, weight = config.train.margin, config.train.global_loss_weight
-    temperature = config.train.first_stage_temperature
-    head_loss = None
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-        if ddp is None:
-            images, captions = model.encode_images(features, num_boxes), model.encode_captions(tokens, lengths)
-            scores = model.pair_scores(images, captions)  # (B, B)
-            same_image = image_index[:, None] == image_index[None, :]
-            loss = hardest_negative_loss(scores.float(), margin, hardest=hardest, same_image=same_image)
-            if weight:  # cos(v̄, t̄) under the same hinge, on the paper model's own global vectors
-                cosines = model.global_scores(images, captions)
-                loss = loss + weight * hardest_negative_loss(cosines, margin, hardest=hardest, same_image=same_image)
-            total = loss.detach()
-            if model.first_stage is not None:
-                head_loss = first_stage_loss(model.image_vectors(images), model.caption_vectors(captions),
-                                             temperature, same_image)
-                head_total = head_loss.detach()
-        else:
-            out = ddp(features, num_boxes, tokens, lengths)
-            everyone = gather_rows(image_index)  # (G,) the global batch's image of each caption
-            offset = int(gather_rows(image_index.new_tensor([len(image_index)]))[: dist.get_rank()].sum())
-            positive = offset + torch.arange(len(image_index), device=device)
-            same_image = image_index[:, None] == everyone[None, :]  # (b, G)
-
-            def hinge(by_image: Tensor, by_caption: Tensor) -> Tensor:
-                return (hinge_rows(by_image.float(), positive, margin, hardest=hardest, not_negative=same_image)
-                        + hinge_rows(by_caption.float().t(), positive, margin, hardest=hardest,
-                                     not_negative=same_image))
-
-            loss = hinge(out.rows, out.cols)
-            if weight:
-                loss = loss + weight * hinge(out.global_rows, out.global_cols)
-            total = loss.detach().clone()
-            dist.all_reduce(total)
-            # DDP averages gradients over ranks; the global loss is the sum of the ranks' losses.
-            loss = loss * dist.get_world_size()
-            scores = out.rows
-            if out.head_rows is not None:
-                head_loss = (info_nce_rows(out.head_rows.float() / temperature, positive, same_image)
-                             + info_nce_rows(out.head_cols.float().t() / temperature, positive, same_image))
-                head_total = head_loss.detach().clone()
-                dist.all_reduce(head_total)
-                head_loss = head_loss * dist.get_world_size()
-    (loss if head_loss is None else loss + head_loss).backward()
-    if config.train.grad_clip > 0:
-        # Each part's gradient norm on its own: the head's never scales the paper model's step.
-        torch.nn.utils.clip_grad_norm_(model.paper_parameters(), config.train.grad_clip)
-        if model.first_stage is not None:
-            torch.nn.utils.clip_grad_norm_(model.first_stage.parameters(), config.train.grad_clip)
-    optimizer.step()
-    value = float(total)
-    if not math.isfinite(value):
-        raise FloatingPointError(f"the loss became {value}; lower --lr or disable mixed precision")
-    parts = {"first_stage_loss": float(head_total)} if head_loss is not None else {}
-    return StepResult(value, float(scores.detach().float().std()), parts)
-
-
-class MatchingTask:
-    """One caption ↔ one image (TSHSR, HSR, SGR): caption/image pairs, the hinge loss, recall and rsum."""
-
-    name = "matching"
-    metric_fields = ("first_stage_loss", *RECALL_FIELDS, "rsum")
-
-    def load_data(self, config: Config, features: Path, data_file: Path, vocab: Vocabulary, train_split: str,
-                  val_split: str | None, log: Callable[[str], None]) -> tuple[Config, TrainingData]:
-        """Open the data, fit the model config to it (region count, feature width, vocabulary size),
-        and build the train set and the validation set (image ids, their captions' tokens)."""
-        store = FeatureStore(features)
-        # Region count and feature width are facts of the data, not choices.
-        config = config.updated(model={"img_dim": store.feature_dim, "num_regions": store.max_boxes,
-                                       "vocab_size": len(vocab)})
-        pairs = build_pairs(read_split(data_file, train_split, "training"), store.image_ids, vocab)
-        dataset = PairDataset(store, pairs, in_memory=config.train.features_in_memory)
-        validation = None
-        if not val_split:
-            log("note: no validation split (--val-split ''): model_best.pt is the last epoch")
-        else:
-            # Unsplit captions are training data; validation needs captions marked as the val split.
-            val_captions = [c for c in read_captions(data_file, val_split) if c.split is not None]
-            if not val_captions:
-                log(f"note: {data_file} has no captions marked '{val_split}': no validation; "
-                    "model_best.pt is the last epoch")
-            else:
-                image_ids, ordered = evaluation_set(val_captions, store.image_ids, config.train.captions_per_image)
-                if config.train.val_images:
-                    image_ids = image_ids[: config.train.val_images]
-                    ordered = ordered[: len(image_ids) * config.train.captions_per_image]
-                validation = (image_ids, [vocab.encode(c.text) for c in ordered])
-        return config, TrainingData(store, dataset, validation)
-
-    def build_model(self, config: Config) -> TSHSR:
-        return build_model(config.model)
-
-    def batches(self, data: TrainingData, config: Config, launch: Launch) -> tuple[EpochBatchSampler, Callable]:
-        sampler = EpochBatchSampler([len(c) for c in data.dataset.pairs.captions],
-                                    config.train.batch_size * launch.world_size, seed=config.train.seed,
-                                    length_buckets=config.train.length_buckets, num_replicas=launch.world_size,
-                                    rank=launch.rank)
-        return sampler, collate_pairs
-
-    def distributed_module(self, model: TSHSR) -> torch.nn.Module:
-        return GlobalBatchScores(model)
-
-    def step(self, model: TSHSR, optimizer: torch.optim.Optimizer, batch: Batch, config: Config,
-             device: torch.device, epoch: int, ddp: torch.nn.Module | None) -> StepResult:
-        return train_step(model, optimizer, batch, config, device, _hardest(config, epoch), ddp=ddp)
-
-    def validate(self, model: TSHSR, data: TrainingData, config: Config, device: torch.device,
-                 launch: Launch) -> dict[str, float]:
-        return validate(model, data, config, device, launch)
-
-    def summary(self, row: dict[str, Any], config: Config) -> str:
-        negatives = "hardest" if _hardest(config, int(row["epoch"]) - 1) else "all"
-        line = f"{negatives} negatives"
-        if "first_stage_loss" in row:
-            line += f", first stage {row['first_stage_loss']:.3f}"
-        if "rsum" in row:
-            line += (f" | val i2t R@1 {row['i2t_r1']:.1f} R@5 {row['i2t_r5']:.1f} R@10 {row['i2t_r10']:.1f}, "
-                     f"t2i R@1 {row['t2i_r1']:.1f} R@5 {row['t2i_r5']:.1f} R@10 {row['t2i_r10']:.1f}, "
-                     f"rsum {row['rsum']:.1f}")
-        return line
-
-    def collapse_hint(self, spread: float, loss: float, batch_size: int, config: Config, epoch: int) -> str:
-        """Why the scores stopped spreading and what to change, from this run's loss and settings."""
-        train = config.train
-        hardest = _hardest(config, epoch)
-        margin, weight = train.margin, train.global_loss_weight
-        # Every score equal: each query's hinge is the margin, once (hardest) or for each of its B−1 negatives.
-        terms = 2 * batch_size * (1 if hardest else batch_size - 1)
-        collapsed = terms * margin
-        formula = "2·B·margin" if hardest else "2·B·(B−1)·margin"
-        phase = "hardest negatives" if hardest else f"warm-up epoch {epoch + 1}: the hinge summed over all negatives"
-        line = (f"warning: training has collapsed: every pair has scored the same for {COLLAPSE_STEPS} steps "
-                f"(score spread {spread:.1e}, batch of {batch_size}, {phase}). ")
-        if weight:
-            line += (f"The loss, {loss:.1f}, is the paper's hinge at its collapsed value {formula} = {collapsed:.1f} "
-                     f"plus {weight:g} × the global loss on cos(v̄, t̄). ")
-        elif abs(loss - collapsed) <= 0.02 * collapsed:
-            line += f"The loss sits at its collapsed value {formula} = {collapsed:.1f}. "
-        else:
-            line += f"The loss is {loss:.1f} ({formula} = {collapsed:.1f} once every score is equal). "
-        remedies = []
-        if weight:
-            remedies.append(f"the global loss (--global-loss-weight {weight:g}) shares the encoders with the model "
-                            "and can drown its gradient: set it to 0 (the first-stage head trains the shortlist "
-                            "without touching the model)")
-        if hardest and train.warmup_epochs == 0:
-            remedies.append("hardest negatives from the first step collapse easily on small data: sum the hinge over "
-                            "all negatives first (--warmup-epochs 2 or more, until validation recall has climbed)")
-        elif hardest:
-            remedies.append(f"the switch to hardest negatives after {train.warmup_epochs} warm-up epoch(s) came before "
-                            f"the model had learned enough: --warmup-epochs {train.warmup_epochs + 2} or more")
-        else:
-            remedies.append(f"it collapsed while summing all negatives, so more warm-up will not help: lower --lr "
-                            f"(now {train.learning_rate:g}) or check that the captions describe their images")
-        return line + "Remedy: " + "; ".join(remedies) + "."
-
-
-def _hardest(config: Config, epoch: int) -> bool:
-    """Hardest negatives after the warm-up epochs (which sum the hinge over all negatives)."""
-    return config.train.hardest_negatives and epoch >= config.train.warmup_epochs
-
-
-def validate(model: TSHSR, data: TrainingData, config: Config, device: torch.device,
-             launch: Launch | None = None) -> dict[str, float]:
-    """Recall metrics on the validation images (all of them against all their captions).
-
-    Under torchrun the images are shared among the ranks and every rank gets the metrics.
-    """
-    image_ids, tokens = data.validation
-    sims = score_matrix_ranks(model, StoreImages(data.store, image_ids), tokens, launch or Launch(), device,
-                              batch_size=max(config.train.batch_size, 32))
-    return recall_metrics(sims, config.train.captions_per_image)
-
-
-def task_for(name: str) -> TrainingTask:
-    """The training task of a config's `task`."""
-    if name == "multi-query":
-        from matching.tasks.multiquery import MultiQueryTask
-
-        return MultiQueryTask()
-    return MatchingTask()
 
 
 # --------------------------------------------------------------------------- the run
@@ -387,6 +169,29 @@ def train(
         teardown(launch)
 
 
+def train_from_choices(*, features: str | os.PathLike, captions: str | os.PathLike, vocab_path: str | os.PathLike,
+                       runs_dir: str | os.PathLike = "runs", name: str | None = None, task: str | None = None,
+                       preset: str | None = None, config_file: str | os.PathLike | None = None,
+                       variant: str | None = None, flags: dict[str, Any] | None = None,
+                       sets: list[str] | tuple[str, ...] = (), resume: bool = False, **options: Any) -> TrainResult:
+    """`train` from a user's choices as the `train` command takes them.
+
+    The config from `matching.config.plan_run` (task, preset, config file, variant, the direct
+    flags of `TRAIN_FLAGS`, ``--set``); the run goes to RUNS_DIR/NAME (default: the variant or
+    the task's prefix and the time). `options`: the rest of `train`'s keyword arguments.
+    """
+    from matching.config import plan_run
+    from matching.training.rundir import new_run_name
+
+    if resume and not name:
+        raise RunError("--resume needs --name (the run to continue)")
+    config, requested = plan_run(task=task, preset=preset, config_file=str(config_file) if config_file else None,
+                                 variant=variant, flags=flags, sets=sets)
+    run_dir = Path(runs_dir) / (name or new_run_name(variant or get_task(config.task).run_prefix))
+    return train(config, features=features, captions=captions, vocab_path=vocab_path, run_dir=run_dir,
+                 resume=resume, requested=requested, **options)
+
+
 def _check_reuse(run: RunDirectory, resume: bool, overwrite: bool) -> None:
     """A directory holding a run is reused only to resume it, or emptied with --overwrite."""
     if resume:
@@ -409,13 +214,13 @@ def _describe(config: Config) -> list[str]:
     """The resolved config in two log lines."""
     sections = config.to_dict()
     return [f"config {section}: " + ", ".join(f"{k}={v}" for k, v in sections[section].items())
-            for section in ("model", "train")] + ([f"config task: {config.task}"] if config.task != "matching" else [])
+            for section in ("model", "train")] + [f"config task: {config.task}"]
 
 
 class _Session:
     """Everything one invocation of `train` holds: model, optimizer, data, position and best so far."""
 
-    def __init__(self, *, task: TrainingTask, config: Config, run: RunDirectory, launch: Launch,
+    def __init__(self, *, task: Task, config: Config, run: RunDirectory, launch: Launch,
                  device: torch.device, vocab: Vocabulary, data: TrainingData, log: Callable[[str], None]) -> None:
         self.task, self.config, self.run, self.launch, self.device = task, config, run, launch, device
         self.vocab, self.data, self.log = vocab, data, log
@@ -424,7 +229,7 @@ class _Session:
         self.epoch_loss, self.epoch_steps = 0.0, 0
         self.epoch_parts: dict[str, float] = {}  # sums over the epoch's steps of the losses besides the main one
         seed_everything(config.train.seed)
-        self.model = task.build_model(config).to(device)
+        self.model = task.build_model(config.model).to(device)
         self.ddp = None
         if launch.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -449,7 +254,7 @@ class _Session:
             config.train.validate()
             if source is not None:
                 config = _fine_tuning_config(config, Config.from_checkpoint(source["config"]), requested, init_from)
-        task = task_for(config.task)
+        task = get_task(config.task)
         vocab = Vocabulary.load(vocab_path)
         for payload, what in ((state, str(run.path)), (source, str(init_from))):
             if payload is not None and Vocabulary(payload["vocab"]) != vocab:

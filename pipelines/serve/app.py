@@ -36,9 +36,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, StringConstraints
 
-from matching.retrieval.evaluate import QueryError
-from matching.retrieval.search import ImageHit, SearchEngine, UnknownImageError
-from matching.retrieval.shortlist import SEARCH_SHORTLIST
+from matching.config import EvaluationSettings
+from matching.retrieval.search import Hit, QueryError, SearchEngine, UnknownImageError
 from pipelines.serve.images import ImageFiles
 from pipelines.serve.worker import ModelWorker, WorkerBusy, WorkerStopped
 
@@ -122,7 +121,7 @@ class Info(BaseModel):
     images: bool = Field(description="thumbnails are served (--images)")
     device: str
     ranker: str = Field(description="exact (every image scored) or shortlist (two-stage)")
-    shortlist: int = Field(description="images re-ranked by the full model after the global-cosine shortlist "
+    shortlist: int = Field(description="images re-ranked by the full model after the first-stage shortlist "
                                        "(0: every image)")
     multi_query: str = Field(description="how POST /api/search combines queries")
     limits: dict[str, int]
@@ -186,11 +185,11 @@ def create_app(engine: SearchEngine, *, images_dir: str | os.PathLike | None = N
     async def stopping(request: Request, error: WorkerStopped) -> JSONResponse:
         return one_line(503, str(error))
 
-    def image_results(hits: list[ImageHit]) -> list[ImageResult]:
-        return [ImageResult(rank=h.hit.rank, score=h.hit.score, image_id=h.hit.image_id, image_size=h.image_size,
-                            regions=[Region(box=box, weight=w) for box, w in h.hit.regions or []],
-                            thumbnail=_thumbnail_url(h.hit.image_id) if files.path(h.hit.image_id) else None,
-                            rank_by_round=h.rank_by_round or None) for h in hits]
+    def image_results(hits: list[Hit], rounds: bool) -> list[ImageResult]:
+        return [ImageResult(rank=h.rank, score=h.score, image_id=h.image_id, image_size=h.image_size,
+                            regions=[Region(box=box, weight=w) for box, w in h.regions or []],
+                            thumbnail=_thumbnail_url(h.image_id) if files.path(h.image_id) else None,
+                            rank_by_round=h.round_ranks if rounds else None) for h in hits]
 
     QueryText = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_query_chars)]
     TopK = Annotated[int, Field(ge=1, le=limits.max_k)]
@@ -223,15 +222,15 @@ def create_app(engine: SearchEngine, *, images_dir: str | os.PathLike | None = N
     async def search(q: Annotated[QueryText, Query(description="the text to search for")],
                      k: Annotated[TopK, Query(description="how many images")] = 10) -> SearchResponse:
         found, ms = await on_worker(engine.search_text, q, k)
-        return SearchResponse(query=q, k=k, ignored_words=found.ignored_words, gallery_size=len(engine.gallery),
-                              ranker=engine.info.ranker, milliseconds=ms, hits=image_results(found.hits))
+        return SearchResponse(query=q, k=k, ignored_words=found.ignored_words[0], gallery_size=len(engine.gallery),
+                              ranker=engine.info.ranker, milliseconds=ms, hits=image_results(found.hits, False))
 
     @app.post("/api/search", response_model=RoundsResponse)
     async def search_rounds(request: Annotated[RoundsRequest, Body()]) -> RoundsResponse:
-        found, ms = await on_worker(engine.search_queries, request.queries, request.k)
+        found, ms = await on_worker(engine.search, request.queries, request.k)
         return RoundsResponse(queries=request.queries, k=request.k, combination=found.combination,
                               ignored_words=found.ignored_words, gallery_size=len(engine.gallery),
-                              ranker=engine.info.ranker, milliseconds=ms, hits=image_results(found.hits))
+                              ranker=engine.info.ranker, milliseconds=ms, hits=image_results(found.hits, True))
 
     @app.get("/api/images/{image_id:path}/captions", response_model=CaptionsResponse)
     async def captions(image_id: Annotated[str, PathParam(description="a gallery image id (may hold slashes)")],
@@ -257,11 +256,11 @@ def create_app(engine: SearchEngine, *, images_dir: str | os.PathLike | None = N
 
 
 def build_app(checkpoint_path: str | os.PathLike, features: str | os.PathLike, *,
-              captions: str | os.PathLike | None = None, split: str | None = None,
-              images_dir: str | os.PathLike | None = None, index_path: str | os.PathLike | None = None,
-              device: str = "auto", limits: Limits = Limits(), ranker: str = "auto",
-              shortlist: int = SEARCH_SHORTLIST) -> FastAPI:
-    """Load the model and the gallery once (`SearchEngine.open`) and make the app over them."""
-    engine = SearchEngine.open(checkpoint_path, features, captions=captions, split=split, index_path=index_path,
-                               device=device, ranker=ranker, shortlist=shortlist)
+              captions: str | os.PathLike | None = None, images_dir: str | os.PathLike | None = None,
+              index_path: str | os.PathLike | None = None, device: str = "auto", limits: Limits = Limits(),
+              settings: EvaluationSettings | None = None) -> FastAPI:
+    """Load the model and the gallery once (`SearchEngine.open`, `settings`: the split of `captions`, the
+    shortlist) and make the app over them."""
+    engine = SearchEngine.open(checkpoint_path, features, captions=captions, index_path=index_path,
+                               device=device, settings=settings or EvaluationSettings(split=None))
     return create_app(engine, images_dir=images_dir, limits=limits)
