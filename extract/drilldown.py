@@ -18,8 +18,9 @@ A pickle can run code when loaded; these files are read with
 `extract.weights.restricted_load`, which admits numpy arrays and plain
 containers only and refuses anything else before it is called.
 
-The import is resumable: images already in the output's shards are skipped,
-and shards are committed every `shard_size` images.
+The import is resumable (the importers' one loop, `extract.shards.import_shards`):
+images already in the output's shards are skipped, what a killed run left is
+tidied, and shards are committed every `shard_size` images.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from extract.config import ExtractError
-from extract.shards import FeatureStore, RegionRecord, ShardWriter
+from extract.shards import RegionRecord, import_shards
 from extract.weights import restricted_load
 
 SUFFIXES = (".npy", ".pkl")
@@ -136,40 +137,22 @@ def import_drilldown_features(
         other = owners.setdefault(image_id_of(path), path)
         if other != path:
             raise DrillDownError(f"{path}: image {image_id_of(path)} also has the file {other.name}")
-    out = Path(out)
-    present: set[str] = set()
-    feature_dim = None
-    if FeatureStore.has_images(out):  # a rerun: complete the directory with the shards' own K and D
-        store = FeatureStore(out)
-        present, feature_dim, max_boxes = set(store.image_ids), store.feature_dim, store.max_boxes
-        store.close()
-    todo = [p for p in files if image_id_of(p) not in present]
     settings = {"source": "drilldown-region_36_final", "directory": str(directory), "dtype": dtype}
-    writer: ShardWriter | None = None
-    written = 0
-    for path in todo:
+
+    def read(path: Path) -> RegionRecord:
         features, boxes = read_region_file(path)
-        if feature_dim is None:
-            feature_dim = features.shape[1]
-        if features.shape[1] != feature_dim:
-            raise DrillDownError(f"{path}: features of width {features.shape[1]}, the others have {feature_dim}")
-        if len(features) > max_boxes:
-            raise DrillDownError(f"{path}: {len(features)} regions, more than max_boxes = {max_boxes}")
-        if writer is None:
-            writer = ShardWriter(out, max_boxes=max_boxes, feature_dim=feature_dim, dtype=dtype,
-                                 extractor={"model": "drilldown-region_36_final", "source": str(directory)})
-        writer.add(RegionRecord(image_id_of(path), features, boxes, (0, 0)))
-        if len(writer) == shard_size:
-            written += len(writer)
-            count = len(writer)
-            writer.commit(settings=settings)
-            if on_images:
-                on_images(count)
-    if writer is not None and len(writer):
-        count = len(writer)
-        written += count
-        writer.commit(settings=settings)
-        if on_images:
-            on_images(count)
-    return DrillDownImport(written=written, skipped=len(files) - len(todo), feature_dim=feature_dim or 0,
-                           max_boxes=max_boxes)
+        return RegionRecord(image_id_of(path), features, boxes, (0, 0))
+
+    def check(record: RegionRecord, boxes: int, dim: int) -> None:
+        path = owners[record.image_id]
+        if record.features.shape[1] != dim:
+            raise DrillDownError(f"{path}: features of width {record.features.shape[1]}, the others have {dim}")
+        if len(record.features) > boxes:
+            raise DrillDownError(f"{path}: {len(record.features)} regions, more than max_boxes = {boxes}")
+
+    done = import_shards(out, ((image_id_of(path), lambda path=path: read(path)) for path in files),
+                         max_boxes=max_boxes, dtype=dtype, settings=settings, shard_size=shard_size, check=check,
+                         extractor={"model": "drilldown-region_36_final", "source": str(directory)},
+                         on_images=on_images)
+    return DrillDownImport(written=done.written, skipped=done.skipped, feature_dim=done.feature_dim,
+                           max_boxes=done.max_boxes)

@@ -43,7 +43,7 @@ import io
 import json
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -588,6 +588,78 @@ def _verify_shard(root: Path, entry: ShardEntry, owner: dict[str, str], kinds: d
         problems.append(f"{path}: {len(outside)} images have num_boxes outside 0..{layout.max_boxes} "
                         f"(first {ids[outside[0]]!r}: {int(num_boxes[outside[0]])})")
     return problems, layout.max_boxes
+
+
+# --------------------------------------------------------------------------- importing
+
+
+@dataclass
+class ShardImport:
+    """What `import_shards` did."""
+
+    written: int  # images written by this call
+    skipped: int  # images already in the directory (a resumed import, or an id seen before in this one)
+    feature_dim: int  # D of the directory's shards (0 when nothing was written or found)
+    max_boxes: int  # K of the directory's shards
+
+
+def import_shards(out: str | os.PathLike, items: Iterable[tuple[str, Callable[[], RegionRecord]]], *,
+                  max_boxes: int, dtype: str = "float16", extractor: dict[str, str] | None = None,
+                  settings: dict[str, Any] | None = None, shard_size: int = 1000,
+                  check: Callable[[RegionRecord, int, int], None] | None = None,
+                  on_images: Callable[[int], None] | None = None) -> ShardImport:
+    """The resumable loop of every feature importer: (image id, reader) pairs → shards in `out`.
+
+    Before writing, what a killed earlier run left is tidied: its partial files are removed
+    and a shard it renamed but did not record is adopted (`remove_stale_partials`,
+    `adopt_orphan_shards`). Images already in the directory, or met earlier in `items`, are
+    skipped without calling their reader; a rerun therefore continues where a kill, a full disk
+    or an error stopped, and the directory keeps its own K and D. Shards of `shard_size` images
+    are committed as they fill (a kill loses at most one shard's work). `check(record, K, D)`
+    may refuse a record with an error naming its source; `on_images(n)` is called with each
+    committed shard's image count.
+    """
+    out = Path(out)
+    if out.is_dir():
+        remove_stale_partials(out)
+        if any(out.glob("shard-*.h5")):
+            adopt_orphan_shards(out)
+    present: set[str] = set()
+    feature_dim = 0
+    if FeatureStore.has_images(out):
+        store = FeatureStore(out)
+        present, feature_dim, max_boxes = set(store.image_ids), store.feature_dim, store.max_boxes
+        store.close()
+    writer: ShardWriter | None = None
+    written = skipped = 0
+
+    def commit() -> None:
+        nonlocal written
+        assert writer is not None
+        count = len(writer)
+        writer.commit(settings=settings)
+        written += count
+        if on_images:
+            on_images(count)
+
+    for image_id, read in items:
+        if image_id in present:
+            skipped += 1
+            continue
+        record = read()
+        feature_dim = feature_dim or record.features.shape[1]
+        if check is not None:
+            check(record, max_boxes, feature_dim)
+        if writer is None:
+            writer = ShardWriter(out, max_boxes=max_boxes, feature_dim=feature_dim, dtype=dtype,
+                                 extractor=extractor or {})
+        writer.add(record)
+        present.add(image_id)
+        if len(writer) == shard_size:
+            commit()
+    if writer is not None and len(writer):
+        commit()
+    return ShardImport(written, skipped, feature_dim, max_boxes)
 
 
 # --------------------------------------------------------------------------- reading

@@ -211,3 +211,50 @@ def test_verify_names_every_problem_on_its_own_line(tmp_path):
     (tmp_path / "shard-00001.h5").unlink()
     assert any(f"{second}: shard listed in the manifest is missing" == p for p in verify_features(tmp_path))
     assert verify_features(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere'}: no such feature directory"]
+
+
+@pytest.mark.parametrize("importer", ["precomp", "drilldown"])
+def test_both_importers_continue_what_a_killed_run_left(tmp_path, importer):
+    """The importers' one loop (`import_shards`): a killed run's partial file is removed, a shard it renamed but
+    did not record is adopted (its images are not written again), and the rest is imported."""
+    import json
+    import os
+    import socket
+
+    from extract.drilldown import import_drilldown_features
+    from matching.importers.precomp import import_precomp
+    from tests.test_multiquery_data import drilldown_file
+    from tests.test_precomp import write_split
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    source.mkdir()
+    if importer == "precomp":
+        write_split(source, "train", 7, seed=1)
+
+        def run() -> None:
+            import_precomp(source, out, shard_size=3, dtype="float32")
+    else:
+        for number in range(7):
+            drilldown_file(source, f"{number + 1:012d}", k=3 + number % 3, seed=number)
+
+        def run() -> None:
+            import_drilldown_features(source, out, max_boxes=36, shard_size=3, dtype="float32")
+    run()
+    complete = FeatureStore(out)
+    images = {image_id: complete.get(image_id)[0].copy() for image_id in complete.image_ids}
+    complete.close()
+    manifest = json.loads((out / "manifest.json").read_text())
+    orphan = manifest["shards"].pop()  # renamed into place, never recorded: the kill came in between
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "index.json").unlink(missing_ok=True)
+    dead = max(os.getpid() + 100000, 4000000)  # a pid no process has
+    stale = out / f"shard~{socket.gethostname()}~{dead}~7.h5.partial"
+    stale.write_bytes(b"half a shard")
+    run()
+    assert not stale.exists()
+    store = FeatureStore(out)
+    assert sorted(store.image_ids) == sorted(images) and len(store.image_ids) == 7
+    assert orphan["name"] in [entry.name for entry in store.manifest.shards]
+    for image_id, features in images.items():
+        np.testing.assert_array_equal(store.get(image_id)[0], features)
+    assert verify_features(out) == []

@@ -10,9 +10,11 @@ A precomp directory holds, per split (train, dev, test, testall):
 
 The arrays are memory-mapped and copied shard by shard, so COCO's
 113K × 36 × 2048 train file converts without being loaded whole. Everything
-is checked before the first shard is written; shards appear only complete,
-and a full disk is a one-line `extract.safeio.StorageError` with the shards
-written before it kept, so a rerun after freeing space continues.
+is checked before the first shard is written; the shards are written by the
+importers' one resumable loop (`extract.shards.import_shards`): they appear
+only complete, and a kill or a full disk (a one-line
+`extract.safeio.StorageError`) keeps the shards written before it, so a rerun
+continues.
 The captions go to ``OUT/captions.jsonl`` with their split (``dev`` → ``val``).
 """
 
@@ -20,21 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from extract.safeio import atomic_write
-from extract.shards import (
-    FeatureStore,
-    RegionRecord,
-    ShardFormatError,
-    ShardWriter,
-    adopt_orphan_shards,
-    remove_stale_partials,
-)
+from extract.shards import RegionRecord, ShardFormatError, import_shards
 from matching.data.captions import CaptionFormatError
 
 SPLITS = ("train", "dev", "test", "testall")
@@ -142,38 +137,19 @@ def import_precomp(
     if len(shapes) > 1:
         raise ShardFormatError(f"{directory}: the splits' features differ in shape: {sorted(shapes)}")
     regions, dim = shapes.pop()
-    present: set[str] = set()
-    if out.is_dir():  # what an earlier run that was killed left: its partial files, a shard it did not record
-        remove_stale_partials(out)
-        if any(out.glob("shard-*.h5")):
-            adopt_orphan_shards(out)
-    if (out / "manifest.json").exists() and FeatureStore.has_images(out):
-        present = set(FeatureStore(out).image_ids)  # a rerun (or test ⊂ testall) skips these
     settings = {"source": "scan-precomp", "directory": str(directory), "captions_per_image": captions_per_image,
                 "dtype": dtype}
-    counts = {}
-    for split in opened:
-        writer = ShardWriter(out, max_boxes=regions, feature_dim=dim, dtype=dtype,
-                             extractor={"model": "scan-precomp", "source": str(directory / f"{split.name}_ims.npy")})
-        written = []
-        for index, image_id in enumerate(split.image_ids):
-            if image_id in present:
-                continue
-            row = np.asarray(split.images[index * split.row_step], dtype=np.float32)
-            writer.add(RegionRecord(image_id, row, np.zeros((regions, 4), np.float32), (0, 0)))
-            written.append(image_id)
-            if len(writer) == shard_size:
-                writer.commit(settings=settings)
-                present.update(written)
-                if on_images:
-                    on_images(len(written))
-                written = []
-        if len(writer):
-            writer.commit(settings=settings)
-            present.update(written)
-            if on_images:
-                on_images(len(written))
-        counts[SPLIT_NAMES.get(split.name, split.name)] = split.num_images
+
+    def items() -> Iterator[tuple[str, Callable[[], RegionRecord]]]:
+        for split in opened:
+            for index, image_id in enumerate(split.image_ids):
+                yield image_id, lambda split=split, index=index, image_id=image_id: RegionRecord(
+                    image_id, np.asarray(split.images[index * split.row_step], dtype=np.float32),
+                    np.zeros((regions, 4), np.float32), (0, 0))
+
+    import_shards(out, items(), max_boxes=regions, dtype=dtype, settings=settings, shard_size=shard_size,
+                  extractor={"model": "scan-precomp", "source": str(directory)}, on_images=on_images)
+    counts = {SPLIT_NAMES.get(split.name, split.name): split.num_images for split in opened}
     _write_captions(out / CAPTIONS_FILE, opened)
     return counts
 
