@@ -12,7 +12,7 @@ whose message is one line naming the path: the CLI prints it and exits with code
 `DirectoryLock` gives a directory (a training run) to one process at a time.
 
 This module needs nothing but the standard library, so `extract`, `matching` and
-`pipelines` all use it (DESIGN §2: it is a leaf below every package).
+`pipelines` all use it (docs/architecture.md: it is a leaf below every package).
 """
 
 from __future__ import annotations

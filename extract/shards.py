@@ -1,7 +1,7 @@
 """The feature-shard format: the contract between `extract` and `matching`.
 
 A feature directory holds ``shard-00000.h5``, ``shard-00001.h5``, ... and
-``manifest.json`` (DESIGN §3). This module is the only place that knows the
+``manifest.json`` (docs/formats.md, "Feature directories"). This module is the only place that knows the
 layout; it needs nothing but h5py and numpy.
 
 Each shard holds, for N images with at most K boxes each:
@@ -412,7 +412,8 @@ class ShardLayout:
 
 
 def _check_shard_layout(handle: h5py.File, path: Path) -> ShardLayout:
-    """The shard's layout, read from its header; ShardFormatError naming the first way it breaks DESIGN §3."""
+    """The shard's layout, read from its header; ShardFormatError naming the first way it breaks the format
+    (docs/formats.md)."""
     version = handle.attrs.get("format_version", 0)
     if not isinstance(version, (int, np.integer)) or not 1 <= int(version) <= FORMAT_VERSION:
         raise ShardFormatError(f"{path}: format_version {version}, this tshsr-pipe reads 1..{FORMAT_VERSION}")
@@ -603,7 +604,7 @@ class ShardImport:
     max_boxes: int  # K of the directory's shards
 
 
-def import_shards(out: str | os.PathLike, items: Iterable[tuple[str, Callable[[], RegionRecord]]], *,
+def import_shards(out: str | os.PathLike, items: Iterable[tuple[str, Callable[[], RegionRecord]] | None], *,
                   max_boxes: int, dtype: str = "float16", extractor: dict[str, str] | None = None,
                   settings: dict[str, Any] | None = None, shard_size: int = 1000,
                   check: Callable[[RegionRecord, int, int], None] | None = None,
@@ -615,7 +616,8 @@ def import_shards(out: str | os.PathLike, items: Iterable[tuple[str, Callable[[]
     `adopt_orphan_shards`). Images already in the directory, or met earlier in `items`, are
     skipped without calling their reader; a rerun therefore continues where a kill, a full disk
     or an error stopped, and the directory keeps its own K and D. Shards of `shard_size` images
-    are committed as they fill (a kill loses at most one shard's work). `check(record, K, D)`
+    are committed as they fill (a kill loses at most one shard's work); a None among the items
+    commits the shard begun (so that, e.g., each split has shards of its own). `check(record, K, D)`
     may refuse a record with an error naming its source; `on_images(n)` is called with each
     committed shard's image count.
     """
@@ -642,7 +644,12 @@ def import_shards(out: str | os.PathLike, items: Iterable[tuple[str, Callable[[]
         if on_images:
             on_images(count)
 
-    for image_id, read in items:
+    for item in items:
+        if item is None:
+            if writer is not None and len(writer):
+                commit()
+            continue
+        image_id, read = item
         if image_id in present:
             skipped += 1
             continue

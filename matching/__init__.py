@@ -2,5 +2,6 @@
 
 Importing this package is cheap: submodules are imported where they are used
 (`matching.model.tshsr`, `matching.retrieval.scoring`, `matching.retrieval.metrics`, …). It needs only
-torch, numpy, h5py and nltk, and from `extract` only `extract.shards`.
+torch, numpy, h5py and nltk, and from `extract` only `extract.shards` and the standard-library
+leaves `extract.safeio` and `extract.runtime` (docs/architecture.md).
 """

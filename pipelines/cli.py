@@ -139,7 +139,7 @@ def evaluate(checkpoints: tuple[Path, ...], sims_files: tuple[Path, ...], featur
               help="Where to write the tshsr-pipe checkpoint.")
 @user_errors
 def import_sgraf(sgraf_checkpoint: Path, vocab_path: Path, out: Path) -> None:
-    """Convert a published SGRAF SGR checkpoint (model_best.pth.tar) into a tshsr-pipe checkpoint.
+    """Convert a published SGRAF SGR checkpoint (SGRAF_CHECKPOINT: model_best.pth.tar) into a tshsr-pipe checkpoint.
 
     The file is read with a restricted unpickler: only tensors, plain data and
     argparse.Namespace are admitted, so a tampered file cannot run code.
@@ -177,14 +177,15 @@ def vocab(captions: Path, out: Path, threshold: int, splits: tuple[str, ...]) ->
               help="Feature directory to write (shards, manifest.json and captions.jsonl).")
 @click.option("--split", "splits", multiple=True, type=click.Choice(PRECOMP_SPLITS),
               help="Splits to import (repeat for several) [default: every {split}_ims.npy found].")
-@click.option("--captions-per-image", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--captions-per-image", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Captions of each image in {split}_caps.txt (consecutive lines).")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Images per shard.")
 @click.option("--float32", "float32", is_flag=True, help="Keep float32 features (default float16).")
 @user_errors
 def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_per_image: int,
                    shard_size: int, float32: bool) -> None:
-    """Convert SCAN/SGRAF precomputed features ({split}_ims.npy + {split}_caps.txt) into shards.
+    """Convert SCAN/SGRAF precomputed features (DATA_DIR/{split}_ims.npy + {split}_caps.txt) into shards.
 
     The .npy files are memory-mapped and copied shard by shard, so large
     splits convert without being loaded whole. A rerun skips images already
@@ -239,7 +240,7 @@ def import_vg(regions: Path, splits_dir: Path, out: Path, max_turns: int) -> Non
 @user_errors
 def import_drilldown(region_dir: Path, out: Path, queries: Path | None, max_boxes: int, shard_size: int,
                      float32: bool) -> None:
-    """DrillDown's region_36_final feature pickles → feature shards.
+    """DrillDown's region_36_final feature pickles (REGION_DIR) → feature shards.
 
     The pickles are read with a restricted unpickler that admits only numpy arrays and plain
     containers, so a tampered file cannot run code.
@@ -314,7 +315,7 @@ def import_drilldown(region_dir: Path, out: Path, queries: Path | None, max_boxe
 @click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Any config field, e.g. --set model.lambda_i2t=4 --set train.lr_decay_epoch=15.")
 @device_option
-@click.option("--train-split", default="train", show_default=True)
+@click.option("--train-split", default="train", show_default=True, help="Split whose captions (or query sets) train.")
 @click.option("--val-split", default="val", show_default=True, help="Split validated after each epoch ('' = none).")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many steps, saving a checkpoint.")
 @user_errors
@@ -415,7 +416,7 @@ def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_
               help="PNG to write [default: RUN_DIR/curves.png].")
 @user_errors
 def report(run_dir: Path, out: Path | None) -> None:
-    """Plot a run's loss and validation recall curves and print its final table."""
+    """Plot the loss and validation recall curves of RUN_DIR and print its final table."""
     from pipelines.report import final_table, plot_curves, read_metrics
 
     rows = read_metrics(run_dir)
@@ -472,7 +473,7 @@ def _demo_choices() -> list[str]:
                                            "running the detector (seconds instead of minutes).")
 @click.option("--images", "num_images", type=click.IntRange(min=30),
               help="Scenes to generate (80% train, 10% val, 10% test) [default: 300; multi-query 400].")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the generated world and of training.")
 @device_option
 @user_errors
 def demo(out: Path, task: str, fast: bool, num_images: int | None, seed: int, device: str) -> None:
@@ -511,7 +512,7 @@ cli.add_command(verify)
 @click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Search index: the gallery encoded once by the model (built here on first use).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @shortlist_option
 @device_option
 @user_errors

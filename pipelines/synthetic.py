@@ -286,14 +286,19 @@ def render_scene(scene: Scene, size: int = 192, seed: int = 0):
 
 
 def write_image_dataset(out: str | os.PathLike, scenes: list[Scene], *, size: int = 192, seed: int = 0) -> Path:
-    """PNG files of the scenes in OUT/images and their captions in OUT/captions.jsonl; returns OUT/images."""
+    """PNG files of the scenes in OUT/images and their captions in OUT/captions.jsonl; returns OUT/images.
+
+    Each file is written whole or not at all (`atomic_write`), so a rerun after a kill may skip every file
+    that exists: none is torn.
+    """
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     for scene in scenes:
         target = images / scene.image_id
         if not target.exists():
-            render_scene(scene, size, seed).save(target)
+            with atomic_write(target) as handle:
+                render_scene(scene, size, seed).save(handle, format="PNG")
     write_captions(out / "captions.jsonl", scenes, seed)
     return images
 

@@ -15,16 +15,21 @@ def small_filesystem(path: Path, megabytes: int = 1) -> Iterator[Path]:
     """A tmpfs of `megabytes` mounted at `path` for the duration of the block.
 
     Mounting needs root (CI and the development machines run as root); elsewhere the
-    test is skipped with the reason.
+    test is skipped, and the run's summary (pytest -ra) says so and why.
     """
+    import os
+
     path.mkdir(parents=True, exist_ok=True)
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        pytest.skip(f"full-disk test: mounting a {megabytes} MB tmpfs needs root (running as uid {os.geteuid()})")
     try:
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
                                  capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as error:
-        pytest.skip(f"cannot mount a small file system here ({error})")
+        pytest.skip(f"full-disk test: cannot mount a {megabytes} MB tmpfs here ({error})")
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.strip() or mounted.returncode}")
+        pytest.skip(f"full-disk test: cannot mount a {megabytes} MB tmpfs here "
+                    f"({mounted.stderr.strip() or mounted.returncode})")
     try:
         yield path
     finally:

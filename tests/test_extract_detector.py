@@ -148,7 +148,8 @@ def test_a_batch_gives_each_image_its_own_rois(weights):
 
 
 def test_detectron2_and_torchvision_backends_agree(weights):
-    pytest.importorskip("detectron2")
+    pytest.importorskip("detectron2", reason="the detectron2 backend is checked only where detectron2 is built "
+                                             "(it is not on PyPI)")
     tensors = [torch.from_numpy(_prepared(seed, h, w).tensor) for seed, h, w in ((3, 150, 200), (4, 200, 140))]
     sizes = [tuple(t.shape[1:]) for t in tensors]
     batch = pad_batch(tensors)

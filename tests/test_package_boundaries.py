@@ -1,4 +1,4 @@
-"""DESIGN §2: `import matching` needs only torch, numpy, h5py and nltk; from extract only extract.shards
+"""docs/architecture.md: `import matching` needs only torch, numpy, h5py and nltk; from extract only extract.shards
 and the standard-library leaves below every package (extract.safeio, extract.runtime)."""
 
 from __future__ import annotations

@@ -130,11 +130,22 @@ def test_fast_demo_learns_far_above_chance(tmp_path):
     assert float(model.split()[1]) > 50  # i2t R@1, chance about 8
 
 
-@pytest.mark.parametrize("command", ["evaluate", "import-sgraf", "vocab", "import-precomp", "train", "search",
-                                     "report", "run", "demo"])
+@pytest.mark.parametrize("command", sorted(cli.commands))
 def test_every_command_explains_itself(command):
-    result = CliRunner().invoke(cli, [command, "--help"])
-    assert result.exit_code == 0 and "Usage:" in result.output and len(result.output) > 200
+    """Every command (the list is read from the CLI, so a new one is checked too) answers --help with its
+    purpose, and every one of its options and arguments says what it is for."""
+    import click
+
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0 and result.output.startswith(f"Usage: cli {command}"), result.output
+    summary = (cli.commands[command].help or "").strip().splitlines()[0]
+    assert len(summary) > 20 and summary in " ".join(result.output.split()), (command, summary)
+    for param in cli.commands[command].params:
+        if isinstance(param, click.Option):
+            assert param.help and len(param.help) > 10 or param.name == "help", (command, param.name)
+            assert param.opts[-1] in result.output, (command, param.opts)
+        else:  # an argument: the command's docstring names it
+            assert param.name.upper() in cli.commands[command].help, (command, param.name)
 
 
 def test_pipeline_from_raw_images_extracts_once(tmp_path, published_weights):

@@ -36,7 +36,7 @@ def test_import_equals_the_source_arrays(tmp_path):
     counts = import_precomp(src, tmp_path / "out", shard_size=3, dtype="float32")
     assert counts == {"train": 7, "val": 3, "test": 2}
     store = FeatureStore(tmp_path / "out")
-    assert len(store) == 12 and len(store.manifest.shards) == 4  # shards of 3, filled across the splits
+    assert len(store) == 12 and len(store.manifest.shards) == 3 + 1 + 1  # each split in shards of its own
     for i in range(7):
         np.testing.assert_array_equal(store.get(f"train/{i}")[0], train[i])
     for i in range(3):

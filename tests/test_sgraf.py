@@ -149,12 +149,28 @@ def test_imported_sgraf_scores_match_the_sgr_reference(tmp_path, legacy):
 
 
 def test_import_without_batchnorm_counters(tmp_path):
-    """torch 0.4-era checkpoints have no num_batches_tracked."""
+    """torch 0.4-era checkpoints have no num_batches_tracked: they import, with zero counters, to the same model
+    (the counters play no part in evaluation) as the same weights saved with counters."""
     parts = sgraf_state_dicts()
-    parts[2] = {k: v for k, v in parts[2].items() if not k.endswith("num_batches_tracked")}
-    write_sgraf(tmp_path / "old.pth.tar", parts)
+    write_sgraf(tmp_path / "new.pth.tar", parts)
+    old = [dict(part) for part in parts]
+    old[2] = {k: v for k, v in old[2].items() if not k.endswith("num_batches_tracked")}
+    assert len(old[2]) < len(parts[2])  # the fixture has counters to drop
+    write_sgraf(tmp_path / "old.pth.tar", old)
     write_vocab(tmp_path / "vocab.json")
-    import_sgraf(tmp_path / "old.pth.tar", tmp_path / "vocab.json", tmp_path / "ours.pt")
+    for name in ("old", "new"):
+        import_sgraf(tmp_path / f"{name}.pth.tar", tmp_path / "vocab.json", tmp_path / f"{name}.pt")
+    (old_model, _, _), (new_model, _, _) = checkpoint.load(tmp_path / "old.pt"), checkpoint.load(tmp_path / "new.pt")
+    old_state, new_state = old_model.state_dict(), new_model.state_dict()
+    counters = [key for key in old_state if key.endswith("num_batches_tracked")]
+    assert counters and all(int(old_state[key]) == 0 for key in counters)
+    for key, value in new_state.items():
+        if key not in counters:
+            assert torch.equal(old_state[key], value), key
+    rng = np.random.default_rng(0)
+    images = ImageArrays(np.abs(rng.normal(size=(3, K, IMG))).astype(np.float32), np.full(3, K))
+    captions = random_captions(4, VOCAB, seed=1)
+    np.testing.assert_array_equal(score_matrix(old_model, images, captions), score_matrix(new_model, images, captions))
 
 
 class RunsACommand:

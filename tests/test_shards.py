@@ -1,4 +1,4 @@
-"""The shard contract (DESIGN §3): layout, atomic commits, manifest, lookup by id, recovery after kills."""
+"""The shard contract (docs/formats.md): layout, atomic commits, manifest, lookup by id, recovery after kills."""
 
 from __future__ import annotations
 

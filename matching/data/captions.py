@@ -1,4 +1,4 @@
-"""Caption files: Karpathy split JSON, TSV and JSONL (DESIGN §4).
+"""Caption files: Karpathy split JSON, TSV and JSONL (docs/formats.md, "Captions").
 
 - Karpathy JSON (``dataset_coco.json``, ``dataset_flickr30k.json``): ``images[]``
   with ``filename``, ``split`` and ``sentences[].raw``. The image id is the

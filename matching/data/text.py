@@ -1,4 +1,4 @@
-"""Tokenisation and the vocabulary (DESIGN §4).
+"""Tokenisation and the vocabulary (docs/formats.md, "Vocabulary").
 
 Captions are lower-cased and split by nltk's `NLTKWordTokenizer`, the
 tokenizer that `nltk.word_tokenize(text, preserve_line=True)` runs; unlike

@@ -140,12 +140,13 @@ def import_precomp(
     settings = {"source": "scan-precomp", "directory": str(directory), "captions_per_image": captions_per_image,
                 "dtype": dtype}
 
-    def items() -> Iterator[tuple[str, Callable[[], RegionRecord]]]:
+    def items() -> Iterator[tuple[str, Callable[[], RegionRecord]] | None]:
         for split in opened:
             for index, image_id in enumerate(split.image_ids):
                 yield image_id, lambda split=split, index=index, image_id=image_id: RegionRecord(
                     image_id, np.asarray(split.images[index * split.row_step], dtype=np.float32),
                     np.zeros((regions, 4), np.float32), (0, 0))
+            yield None  # each split in shards of its own
 
     import_shards(out, items(), max_boxes=regions, dtype=dtype, settings=settings, shard_size=shard_size,
                   extractor={"model": "scan-precomp", "source": str(directory)}, on_images=on_images)

@@ -52,7 +52,7 @@ def _bilinear_logits(rows: Tensor, nodes: Tensor, a: Tensor, c: Tensor, u: Tenso
 
 
 class HSRLayer(nn.Module):
-    """One hierarchical similarity reasoning layer (DESIGN §5.6).
+    """One hierarchical similarity reasoning layer (docs/decisions.md, "The matching model (TSHSR)", item 6).
 
     R  = softmax_rows(φ(S) ψ(S)ᵀ)          relation matrix (Eq. 4; `relation_norm="none"` keeps it raw)
     R' = R ⊙ sigmoid(conv3×3(R))           context gate over neighbouring node pairs (Eq. 5)

@@ -1,4 +1,4 @@
-"""Retrieval metrics and the standard protocols (DESIGN §5.10, §6).
+"""Retrieval metrics and the standard protocols (docs/decisions.md, "Evaluation"; docs/formats.md, "Metrics files").
 
 `sims` is always (n_images, n_images · captions_per_image) with caption k of
 image i in column i·cpi + k. Ranks are 0-based and ties count against the

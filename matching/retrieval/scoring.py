@@ -57,7 +57,7 @@ class ImageArrays:
 class StoreImages:
     """Images of a FeatureStore, in the order of `image_ids`."""
 
-    store: object  # extract.shards.FeatureStore (kept untyped: matching imports only extract.shards)
+    store: object  # extract.shards.FeatureStore, or any object with its batch(image_ids)
     image_ids: Sequence[str]
 
     def __len__(self) -> int:

@@ -1,4 +1,4 @@
-"""The bidirectional hinge triplet loss of Eq. 9 (VSE++ hardest negatives; DESIGN §5.9)."""
+"""The bidirectional hinge triplet loss of Eq. 9 (VSE++ hardest negatives; docs/decisions.md, TSHSR item 9)."""
 
 from __future__ import annotations
 
