@@ -14,8 +14,14 @@ features        (N, K, D) f16   pooled region features (f32 as an option)
 boxes           (N, K, 4) f32   x1 y1 x2 y2 in original-image pixels
 num_boxes       (N,) int16      rows past num_boxes are zero
 image_size      (N, 2) int32    (height, width) of the original image
+checksums       (N,) uint32     CRC-32 of each image's stored rows (format 2)
 object_ids ...  (N, K)          optional detector outputs
 ==============  ==============  ===========================================
+
+Every read checks the image's checksum (`image_checksum`): a shard truncated or
+overwritten under a running process, which HDF5 would read as zeros without a
+complaint, is a ShardFormatError naming the shard and the image, never silent
+zeros fed to training or scoring.
 
 A shard is built in memory, written as ``*.h5.partial`` and renamed only once
 complete, then recorded in the manifest under a file lock, so several processes
@@ -43,6 +49,7 @@ import io
 import json
 import os
 import socket
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +60,7 @@ import numpy as np
 
 from extract.safeio import atomic_write, pid_alive, sha256_file, storage_failure, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every image has a checksum (`checksums`), verified on every read; 1 is still read
 MANIFEST = "manifest.json"
 INDEX_CACHE = "index.json"
 LOCK_FILE = ".manifest.lock"
@@ -241,6 +248,15 @@ def adopt_orphan_shards(directory: str | os.PathLike) -> list[str]:
     return adopted
 
 
+def image_checksum(features: np.ndarray, boxes: np.ndarray, num_boxes: int, image_size: Sequence[int]) -> int:
+    """CRC-32 of one image's stored rows: its padded features (K, D) in the shard's dtype, boxes (K, 4) float32,
+    its box count (int16) and size (int32 × 2), in that order."""
+    crc = zlib.crc32(np.ascontiguousarray(features).data)
+    crc = zlib.crc32(np.ascontiguousarray(boxes, dtype=np.float32).data, crc)
+    crc = zlib.crc32(np.asarray([num_boxes], np.int16).data, crc)
+    return zlib.crc32(np.asarray(image_size, np.int32).data, crc)
+
+
 @dataclass
 class RegionRecord:
     """One image's detector output, ready for a shard."""
@@ -321,14 +337,17 @@ class ShardWriter:
             # Row by row (one chunk each), so the features are never held twice besides the records.
             features = handle.create_dataset("features", (n, k, dim), self.dtype, chunks=(1, k, dim))
             padded = np.zeros((k, dim), self.dtype)
+            checksums = np.zeros((n,), np.uint32)
             for row, record in enumerate(self.records):
                 count = len(record.boxes)
                 padded[:count] = record.features
                 padded[count:] = 0
                 features[row] = padded
+                checksums[row] = image_checksum(padded, boxes[row], int(num_boxes[row]), sizes[row])
             handle.create_dataset("boxes", data=boxes)
             handle.create_dataset("num_boxes", data=num_boxes)
             handle.create_dataset("image_size", data=sizes)
+            handle.create_dataset("checksums", data=checksums)
             for name, array in optional.items():
                 handle.create_dataset(name, data=array)
             handle.attrs["format_version"] = FORMAT_VERSION
@@ -432,6 +451,10 @@ def _check_shard_layout(handle: h5py.File, path: Path) -> ShardLayout:
     k = features.shape[1]
     expected = {"boxes": ((n, k, 4), np.float32), "num_boxes": ((n,), np.int16), "image_size": ((n, 2), np.int32),
                 **{name: ((n, k), dtype) for name, dtype in OPTIONAL_DATASETS.items() if name in handle}}
+    if int(version) >= 2:
+        if "checksums" not in handle:
+            raise ShardFormatError(f"{path}: dataset 'checksums' missing (format_version {version} has one)")
+        expected["checksums"] = ((n,), np.uint32)
     for name, (shape, dtype) in expected.items():
         dataset = handle[name]
         if not isinstance(dataset, h5py.Dataset) or dataset.shape != shape or dataset.dtype != np.dtype(dtype):
@@ -499,9 +522,10 @@ def verify_report(directory: str | os.PathLike, *, on_start: Callable[[int], Non
 
     Checked: every listed shard exists with the recorded size and sha256; its datasets have
     the shapes and dtypes of the shard format (docs/formats.md) and as many images as the
-    manifest says; image ids are non-empty and unique across shards; num_boxes lies within
-    0..K; all shards share D and the feature dtype; the failed list holds {path, reason}
-    entries, none of them also stored; no shard file is missing from the manifest.
+    manifest says; every image matches its checksum (format 2); image ids are non-empty and
+    unique across shards; num_boxes lies within 0..K; all shards share D and the feature dtype;
+    the failed list holds {path, reason} entries, none of them also stored; no shard file is
+    missing from the manifest.
     `on_start(shards)` is called once the manifest is read, `on_shard(name)` after each shard
     (progress).
     """
@@ -567,6 +591,14 @@ def _verify_shard(root: Path, entry: ShardEntry, owner: dict[str, str], kinds: d
             layout = _check_shard_layout(handle, path)
             ids = handle["image_ids"].asstr()[:]
             num_boxes = handle["num_boxes"][:]
+            if "checksums" in handle:
+                checksums, boxes, sizes = handle["checksums"][:], handle["boxes"][:], handle["image_size"][:]
+                bad = [row for row in range(layout.num_images)
+                       if image_checksum(handle["features"][row], boxes[row], int(num_boxes[row]), sizes[row])
+                       != int(checksums[row])]
+                if bad:
+                    problems.append(f"{path}: {len(bad)} images do not match their checksums (first {ids[bad[0]]!r}, "
+                                    f"row {bad[0]})")
     except ShardFormatError as error:
         return [*problems, str(error)], 0
     except (OSError, RuntimeError, KeyError, ValueError) as error:
@@ -789,15 +821,28 @@ class FeatureStore:
         return self.manifest.shards[number].name, row
 
     def get(self, image_id: str) -> tuple[np.ndarray, np.ndarray, int, tuple[int, int]]:
-        """(features (k, D) float32, boxes (k, 4), k, (height, width)) of one image, unpadded."""
+        """(features (k, D) float32, boxes (k, 4), k, (height, width)) of one image, unpadded.
+
+        The image's stored rows are checked against its checksum (format 2 shards): a mismatch
+        is a ShardFormatError naming the shard and the image.
+        """
         name, row = self.locate(image_id)
         with self._reading(name):
             handle = self._handle(name)
             k = int(handle["num_boxes"][row])
-            features = handle["features"][row, :k].astype(np.float32)
-            boxes = handle["boxes"][row, :k]
-            height, width = (int(v) for v in handle["image_size"][row])
-        return features, boxes, k, (height, width)
+            size = handle["image_size"][row]
+            if "checksums" in handle:
+                stored = handle["features"][row]  # (K, D) as written, padding included
+                boxes = handle["boxes"][row]
+                if image_checksum(stored, boxes, k, size) != int(handle["checksums"][row]):
+                    raise ShardFormatError(
+                        f"{self.directory / name}: image {image_id!r} (row {row}) does not match its checksum: the "
+                        f"shard was changed, truncated or damaged after it was written; {_verify_hint(self.directory)}")
+                features, boxes = stored[:k].astype(np.float32), boxes[:k]
+            else:  # a format 1 shard has no checksums
+                features = handle["features"][row, :k].astype(np.float32)
+                boxes = handle["boxes"][row, :k]
+        return features, boxes, k, (int(size[0]), int(size[1]))
 
     def detections(self, image_id: str) -> dict[str, np.ndarray]:
         """The optional detector outputs (object/attribute ids and scores) present for an image."""

@@ -79,7 +79,7 @@ def test_shards_follow_the_contract(first_run, published_weights):  # noqa: F811
             for name, dtype in (("object_ids", np.int16), ("object_scores", np.float32), ("attr_ids", np.int16),
                                 ("attr_scores", np.float32)):
                 assert handle[name].dtype == dtype and handle[name].shape == (n, 36)
-            assert handle.attrs["format_version"] == 1
+            assert handle.attrs["format_version"] == 2
             extractor = json.loads(handle.attrs["extractor"])
             assert extractor["weights_sha256"] == manifest.settings["weights_sha256"]
             assert extractor["backend"] == resolve_backend("auto") and extractor["config_digest"]

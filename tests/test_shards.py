@@ -44,7 +44,7 @@ def test_layout_matches_the_contract(tmp_path):
         assert handle["num_boxes"][:].tolist() == [5, 3]
         assert handle["image_size"][:].tolist() == [[60, 80], [60, 80]]
         assert not handle["features"][1, 3:].any() and not handle["boxes"][1, 3:].any()
-        assert handle["object_ids"].shape == (2, 5) and handle.attrs["format_version"] == 1
+        assert handle["object_ids"].shape == (2, 5) and handle.attrs["format_version"] == 2
         assert json.loads(handle.attrs["extractor"]) == {"model": "test"}
     manifest = read_manifest(tmp_path)
     assert manifest.num_images == 2 and manifest.settings == {"top_k": 5}
@@ -92,7 +92,8 @@ def test_checksum_mismatch_is_found_by_verify(tmp_path):
     with h5py.File(tmp_path / "shard-00000.h5", "r+") as handle:
         handle["features"][0, 0, 0] = 42
     problems = FeatureStore(tmp_path).verify()
-    assert len(problems) == 1 and "does not match the manifest" in problems[0]
+    assert len(problems) == 2 and "does not match the manifest" in problems[0]
+    assert problems[1].endswith("shard-00000.h5: 1 images do not match their checksums (first 'a', row 0)")
 
 
 def test_missing_and_foreign_manifests(tmp_path):
@@ -201,6 +202,7 @@ def test_verify_names_every_problem_on_its_own_line(tmp_path):
     problems = verify_features(tmp_path)
     first, second = tmp_path / "shard-00000.h5", tmp_path / "shard-00001.h5"
     expected = [f"{first}: sha256 ", f"{first}: 1 images have num_boxes outside 0..3 (first 'b': 7)",
+                f"{first}: 1 images do not match their checksums (first 'b', row 1)",
                 f"{second}: image 'c' also in shard-00000.h5", f"{second}: holds 1 images, the manifest says 5",
                 f"{tmp_path / 'shard-00007.h5'}: not in the manifest",
                 "failed entry 3 is not {path, reason}", "'c' is listed as failed but stored in shard-00000.h5",
@@ -258,3 +260,47 @@ def test_both_importers_continue_what_a_killed_run_left(tmp_path, importer):
     for image_id, features in images.items():
         np.testing.assert_array_equal(store.get(image_id)[0], features)
     assert verify_features(out) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_a_shard_damaged_under_a_running_reader_is_an_error_naming_the_shard_and_the_image(tmp_path, damage):
+    """HDF5 reads zeros past the end of a truncated file without a complaint; the per-image checksum turns that
+    (and bytes overwritten in place) into an error naming the shard and the image, never zeros fed onwards."""
+    writer = ShardWriter(tmp_path, max_boxes=4, feature_dim=256, dtype="float32")
+    for n in range(40):
+        writer.add(record(f"img{n}", 3, 256, seed=n))
+    writer.commit()
+    store = FeatureStore(tmp_path)
+    first, *_ = store.get("img0")  # the file is open and read, as in a running training
+    np.testing.assert_array_equal(first, record("img0", 3, 256, seed=0).features)
+    path = tmp_path / "shard-00000.h5"
+    with h5py.File(path, "r") as handle:
+        chunk = handle["features"].id.get_chunk_info(30)  # image 30's row (one chunk an image)
+    if damage == "truncated":
+        os.truncate(path, chunk.byte_offset + 100)
+    else:
+        with open(path, "r+b") as handle:
+            handle.seek(chunk.byte_offset + 64)
+            handle.write(b"\x7f" * 16)
+    with pytest.raises(ShardFormatError, match=r"shard-00000.h5: image 'img30' \(row 30\) does not match its checksum"):
+        store.get("img30")
+    with pytest.raises(ShardFormatError, match="img30"):
+        store.batch(["img1", "img30"])
+    np.testing.assert_array_equal(store.get("img1")[0], record("img1", 3, 256, seed=1).features)  # intact
+
+
+def test_format_1_shards_without_checksums_still_read(tmp_path):
+    writer = ShardWriter(tmp_path, max_boxes=3, feature_dim=8)
+    writer.add(record("a", 2))
+    writer.commit()
+    with h5py.File(tmp_path / "shard-00000.h5", "r+") as handle:  # as tshsr-pipe 0.1 wrote it
+        del handle["checksums"]
+        handle.attrs["format_version"] = 1
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry = manifest["shards"][0]
+    entry["sha256"] = sha256_file(tmp_path / "shard-00000.h5")
+    entry["num_bytes"] = (tmp_path / "shard-00000.h5").stat().st_size
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    store = FeatureStore(tmp_path)
+    np.testing.assert_allclose(store.get("a")[0], record("a", 2).features, rtol=1e-3)
+    assert verify_features(tmp_path) == []
