@@ -152,7 +152,8 @@ def test_verify_says_clean_or_lists_each_problem_and_exits_2(tmp_path):
         handle["features"][0, 0, 0] = 42  # the same size, another checksum
     broken = CliRunner().invoke(cli, ["verify", str(tmp_path / "f"), "--quiet"])
     assert broken.exit_code == 2
-    assert broken.stdout.startswith(f"{shard}: sha256 ") and broken.stdout.count("\n") == 1
-    assert broken.stderr == f"Error: {tmp_path / 'f'}: 1 problem(s) found\n"
+    assert broken.stdout.startswith(f"{shard}: sha256 ") and broken.stdout.count("\n") == 2
+    assert f"{shard}: 1 images do not match their checksums (first 'a', row 0)" in broken.stdout
+    assert broken.stderr == f"Error: {tmp_path / 'f'}: 2 problem(s) found\n"
     missing = CliRunner().invoke(cli, ["verify", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "nowhere: no such feature directory" in missing.output
