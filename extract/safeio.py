@@ -134,6 +134,45 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     return Path(path)
 
 
+@contextlib.contextmanager
+def replacing_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """A new directory built beside `path` that replaces it (file or directory) when the block succeeds.
+
+    The block writes its files into the yielded temporary directory; on success every file in it is
+    flushed to the disk, `path` (if any) is moved aside, the new directory renamed into place and the
+    old one removed, so a reader sees the old tree or the new one. On any failure the temporary
+    directory is removed and `path` is left as it was; storage failures become `StorageError` naming
+    the file that could not be written (the caller's, or the directory).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for item in tmp.rglob("*"):
+            if item.is_file():
+                with open(item, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if target.exists() or target.is_symlink():
+            old = target.parent / f".{target.name}.{os.getpid()}.old"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    except BaseException as error:
+        failure = storage_failure(error, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None and failure is not error:
+            raise failure from None
+        raise
+    _fsync_directory(target.parent)
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Replace `path` with `text` (UTF-8) atomically."""
     with atomic_write(path, "w", encoding="utf-8") as handle:

@@ -280,6 +280,8 @@ class Config:
 
 # faiss indexes of two-stage retrieval's first stage (`matching.retrieval.shortlist`): exact, inverted file, HNSW graph.
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+FLAT_UP_TO = 50_000  # an encoded gallery's "auto" first stage: flat (exact) up to this many images, HNSW beyond
+GALLERY_DTYPES = ("float16", "float32")  # how an encoded gallery stores its region embeddings
 SEARCH_SHORTLIST = 200  # images a search query re-ranks with the full model (two-stage search's default)
 
 

@@ -14,6 +14,8 @@ import click
 
 from extract.runtime import DEVICE_CHOICES
 from matching.config import (
+    FLAT_UP_TO,
+    GALLERY_DTYPES,
     INDEX_KINDS,
     PRESETS,
     SEARCH_SHORTLIST,
@@ -368,8 +370,9 @@ def train(task: str | None, features: Path, captions: Path, vocab_path: Path, na
               help="Directory of the image files (as extracted), to show them in --html.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a page with the results and the attended boxes.")
-@click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Search index: the gallery encoded once by the model (built here on first use).")
+@click.option("--index", "index_path", type=click.Path(path_type=Path),
+              help="Encoded gallery directory: the gallery encoded once by the model, read row by row from the "
+                   "disk (built here on first use; `tshsr-pipe index` builds one ahead, under torchrun too).")
 @click.option("--rebuild-index", is_flag=True, help="Encode the gallery again into --index.")
 @shortlist_option
 @device_option
@@ -408,6 +411,45 @@ def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_
         write_search_page(html_path, query=found.query, hits=found.hits, mode=found.mode, images_dir=images_dir,
                           checkpoint=str(checkpoint_path))
         click.echo(f"page written to {html_path}")
+
+
+@cli.command("index")
+@click.option("--checkpoint", "checkpoint_path", type=EXISTING_FILE, required=True, help="A tshsr-pipe checkpoint.")
+@click.option("--features", type=EXISTING_DIR, required=True, help="The gallery's feature directory.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The encoded gallery directory to write (replaced atomically when it exists).")
+@click.option("--captions", type=EXISTING_FILE, help="With --split: the gallery is that split's images.")
+@click.option("--split", help="Only the images of this split of --captions.")
+@click.option("--dtype", type=click.Choice(GALLERY_DTYPES), default=GALLERY_DTYPES[0], show_default=True,
+              help="How the region embeddings are stored: float16 halves the disk and the reads (rankings barely "
+                   "move, docs/search.md), float32 is exactly what the model computes.")
+@click.option("--index-kind", type=click.Choice(("auto", *INDEX_KINDS)), default="auto", show_default=True,
+              help=f"The first stage's faiss index: auto is flat (exact) up to {FLAT_UP_TO:,} images and HNSW "
+                   "beyond; flat, ivf or hnsw force one.")
+@click.option("--batch-size", default=EVALUATE.batch_size, show_default=True, type=click.IntRange(min=1),
+              help="Images per encoder batch.")
+@device_option
+@user_errors
+def index(checkpoint_path: Path, features: Path, out: Path, captions: Path | None, split: str | None, dtype: str,
+          index_kind: str, batch_size: int, device: str) -> None:
+    """Encode a gallery once for `search --index` and `serve --index`: an encoded gallery directory.
+
+    The region embeddings are written block by block and memory-mapped when searched, so a search
+    reads only the images it re-scores. Under torchrun each process encodes its share of the images
+    and the first process merges the parts:
+
+    \b
+      torchrun --nproc_per_node 4 -m pipelines.cli index --checkpoint C --features F --out G --device cuda
+    """
+    from extract.runtime import Launch, progress_bar
+    from matching.retrieval.search import index_gallery
+
+    with progress_bar(None, "encoding", "img", enabled=Launch.from_env().is_main) as bar:
+        gallery = index_gallery(checkpoint_path, features, out, captions=captions, split=split, dtype=dtype,
+                                index_kind=index_kind, device=device, batch_size=batch_size, progress=bar.update)
+    if Launch.from_env().is_main:
+        click.echo(f"{len(gallery):,} images encoded into {out} ({gallery.meta['dtype']} regions, "
+                   f"{gallery.index_kind} first-stage index)")
 
 
 @cli.command()
@@ -509,8 +551,9 @@ cli.add_command(verify)
                                                     "the gallery is that split's images.")
 @click.option("--split", help="Only this split of --captions.")
 @click.option("--images", "images_dir", type=EXISTING_DIR, help="Directory of the image files, for thumbnails.")
-@click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Search index: the gallery encoded once by the model (built here on first use).")
+@click.option("--index", "index_path", type=click.Path(path_type=Path),
+              help="Encoded gallery directory: the gallery encoded once by the model, read row by row from the "
+                   "disk (built here on first use; `tshsr-pipe index` builds one ahead, under torchrun too).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @shortlist_option

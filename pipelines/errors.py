@@ -39,7 +39,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from matching.config import ConfigError
     from matching.data.captions import CaptionFormatError
     from matching.data.text import VocabularyError
-    from matching.retrieval.index import SearchIndexError
+    from matching.retrieval.gallery import SearchIndexError
     from matching.retrieval.metrics import MetricsError
     from matching.retrieval.search import QueryError
     from matching.retrieval.shortlist import NoFirstStageError

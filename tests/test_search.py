@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 from click.testing import CliRunner
 
-from extract.shards import FeatureStore
 from matching import checkpoint
 from matching.config import EvaluationSettings
 from matching.data.captions import group_by_image, read_captions
@@ -119,35 +117,3 @@ def test_words_outside_the_vocabulary_are_named(trained_toy):
                                       "a red zeppelin near qwerty", "-k", "2"])
     assert result.exit_code == 0, result.output
     assert "note: not in the model's vocabulary, ignored: 'zeppelin', 'near', 'qwerty'" in result.output
-
-
-def test_open_index_builds_loads_and_refuses_stale_or_old_indexes(trained_toy, tmp_path):
-    import torch
-
-    from matching.retrieval.index import FORMAT, SearchIndexError, open_index
-    from matching.retrieval.scoring import StoreImages, encode_images
-
-    features, _, _, ckpt, _ = trained_toy
-    model, _, _ = checkpoint.load(ckpt)
-    store = FeatureStore(features)
-    ids = store.image_ids[:20]
-    built = open_index(tmp_path / "g.idx", model, ckpt, store, ids)
-    loaded = open_index(tmp_path / "g.idx", model, ckpt, store, ids)
-    assert built.built and not loaded.built and loaded.image_ids == ids
-    with torch.inference_mode():
-        direct = encode_images(model, StoreImages(store, ids), torch.device("cpu"))
-    # float32, exactly what the model computes: no rounding moves a score or a ranking
-    assert loaded.encoded.local.dtype == torch.float32
-    assert torch.equal(loaded.encoded.local, direct.local) and torch.equal(loaded.encoded.glob, direct.glob)
-    with pytest.raises(SearchIndexError, match="built for another gallery"):
-        open_index(tmp_path / "g.idx", model, ckpt, store, ids[:10])
-    old = torch.load(tmp_path / "g.idx", weights_only=True)
-    del old["format_version"]
-    torch.save({**old, "local": old["local"].half()}, tmp_path / "old.idx")
-    with pytest.raises(SearchIndexError, match="older tshsr-pipe .* rebuild it with --rebuild-index"):
-        open_index(tmp_path / "old.idx", model, ckpt, store, ids)
-    torch.save({"format": FORMAT, "format_version": 99}, tmp_path / "new.idx")
-    with pytest.raises(SearchIndexError, match="newer than this tshsr-pipe reads"):
-        open_index(tmp_path / "new.idx", model, ckpt, store, ids)
-    rebuilt = open_index(tmp_path / "old.idx", model, ckpt, store, ids, rebuild=True)
-    assert rebuilt.built and open_index(tmp_path / "old.idx", model, ckpt, store, ids).image_ids == ids

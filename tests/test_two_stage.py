@@ -182,21 +182,25 @@ def test_shortlist_refuses_what_it_cannot_do(trained_multiquery, trained_two_sta
 def test_two_stage_search_re_ranks_the_nearest_images_with_their_exact_scores(trained_two_stage):
     from extract.shards import FeatureStore
     from matching.data.captions import read_captions
-    from matching.retrieval.scoring import StoreImages, encode_images
+    from matching.retrieval.gallery import EncodedGallery
     from matching.retrieval.search import encode_query
-    from matching.retrieval.shortlist import global_vectors, rerank_images
+    from matching.retrieval.shortlist import global_vectors
+    from matching.tasks.matching import ShortlistRanker
 
     features, captions, path = trained_two_stage
     model, _, vocab = checkpoint.load(path)
     store = FeatureStore(features)
+    encoded = EncodedGallery.encode(model, store, store.image_ids, device=torch.device("cpu"))
+    gallery = encoded.select(slice(None))
     with torch.inference_mode():
-        gallery = encode_images(model, StoreImages(store, store.image_ids), torch.device("cpu"))
         gallery_vectors = global_vectors(model.image_vectors(gallery))
     texts = [c.text for c in read_captions(captions)[:40:5]]
     tokens = [encode_query(vocab, text)[0] for text in texts]
     exact = score_matrix(model, gallery, tokens)  # (150, 8)
-    positions, scores = rerank_images(model, gallery, tokens[:2], 20)
-    np.testing.assert_allclose(scores, exact[positions, :2], atol=1e-5)
+    ranking = ShortlistRanker(model, encoded, torch.device("cpu"), shortlist=20).rank(tokens[:2], 5)
+    positions = ranking.positions
+    np.testing.assert_allclose(ranking.scores[:, 0], exact[positions, 0], atol=1e-5)  # round 1: query 1's score
+    np.testing.assert_allclose(ranking.scores[:, 1], exact[positions, :2].mean(1), atol=1e-5)  # round 2: the mean
     with torch.inference_mode():
         cosines = gallery_vectors @ global_vectors(model.caption_vectors(model.encode_captions(*pad(tokens[:2])))).T
     expected = set()

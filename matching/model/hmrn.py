@@ -218,6 +218,10 @@ class HMRN(nn.Module):
         """features (B, K, img_dim), num_boxes (B,) → Embedded (B, num_regions, d) with v̄."""
         return self.image_encoder(features, num_boxes)
 
+    def image_vectors(self, images: Embedded) -> Tensor:
+        """One vector per encoded image for a first stage: v̄, which the global level (s^g = v̄ · ū) is trained on."""
+        return images.glob
+
     def encode_queries(self, tokens: Tensor, lengths: Tensor) -> Embedded:
         """tokens (B, T, L), lengths (B, T) (0 = no query) → Embedded: query vectors (B, T, d), mask (B, T),
         and ū over all the set's queries (B, d)."""

@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -253,7 +253,7 @@ def _duration(seconds: float) -> str:
 def score_matrix(
     model: TSHSR,
     images: ImageSource | Embedded,
-    captions: Sequence[Sequence[int]],
+    captions: Sequence[Sequence[int]] | Any,
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 128,
@@ -270,7 +270,8 @@ def score_matrix(
         model: the network; put in eval mode for the call and restored after.
         images: region features (`ImageArrays`, `StoreImages` or any `ImageSource`), or images
             already encoded by this model (an `Embedded`, e.g. from a search index).
-        captions: token-id lists (with <start>/<end>), in column order.
+        captions: token-id lists (with <start>/<end>), in column order, or captions this model already
+            encoded (`matching.retrieval.shortlist.CaptionGroups`: anything with `groups`).
         device: where to compute; the model is moved there.
         batch_size: images/captions per encoder batch.
         memory_budget: bytes of working memory for a block of pairs (default: half
@@ -294,7 +295,8 @@ def score_matrix(
         with torch.inference_mode():
             image_emb = images.to(device) if isinstance(images, Embedded) else encode_images(
                 model, images, device, batch_size)
-            groups = length_groups(encode_captions(model, captions, device, batch_size))
+            groups = (captions.groups if hasattr(captions, "groups")
+                      else length_groups(encode_captions(model, captions, device, batch_size)))
             # Images in order of their box counts: a block is cut to its most boxes.
             box_counts = image_emb.mask.sum(1).cpu()
             image_order = torch.argsort(box_counts, stable=True)

@@ -1,8 +1,8 @@
 """The one search path: a model and its gallery loaded once, queries answered by the model's task.
 
 `tshsr-pipe search` (one query, `search`), `tshsr-pipe serve` (many) and the library all go
-through `SearchEngine`. It loads the checkpoint and the feature store once, encodes the gallery
-once (or takes it from a search index, `matching.retrieval.index.open_index`), and answers:
+through `SearchEngine`. It loads the checkpoint once, encodes the gallery once (or opens it,
+memory-mapped, from an encoded gallery on disk, `matching.retrieval.gallery`), and answers:
 
 - `search(queries, k)`: one query, or several given in rounds → images, each hit with its rank
   after every round and the regions the (latest) query attends to;
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ from matching import checkpoint
 from matching.config import SEARCH_SHORTLIST, Config, EvaluationSettings
 from matching.data.captions import Caption, resolve_image_ids
 from matching.data.text import Vocabulary, tokenize
-from matching.model.encoders import Embedded
+from matching.retrieval.gallery import EncodedGallery
 from matching.tasks import get_task, task_of_data
 from matching.tasks.base import Ranking
 
@@ -137,6 +137,47 @@ def gallery_of(data_file: str | os.PathLike, split: str | None) -> tuple[set[str
     return task_of_data(data_file).gallery(data_file, split)
 
 
+def gallery_ids(store: FeatureStore, captions: str | os.PathLike | None, split: str | None,
+                images: Sequence[str] | None = None) -> tuple[list[str], list[Caption]]:
+    """(the gallery's feature ids, the captions of an image → text search): every image of the store, or
+    those of a data file's split (and its captions), or the `images` given; QueryError when none is left."""
+    selected: list[Caption] = []
+    gallery = store.image_ids
+    if captions is not None:
+        image_ids, selected = gallery_of(captions, split)
+        gallery = sorted(set(resolve_image_ids(image_ids, store.image_ids).values()))
+        if not gallery and images is None:
+            raise QueryError(f"{captions}: none of its {split or ''} images is in {store.directory}")
+    if images is not None:  # these images whatever the captions' split
+        known = set(store.image_ids)
+        gallery = [image_id for image_id in images if image_id in known]
+        if not gallery:
+            raise QueryError(f"none of the images {list(images)[:3]} is in {store.directory}")
+    return gallery, selected
+
+
+def index_gallery(checkpoint_path: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike, *,
+                  captions: str | os.PathLike | None = None, split: str | None = None, dtype: str = "float16",
+                  index_kind: str = "auto", device: str = "auto", batch_size: int = 128,
+                  progress: Callable[[int], None] | None = None) -> EncodedGallery:
+    """Encode a gallery once into an encoded gallery at `out` (`tshsr-pipe index`): every image of `features`,
+    or those of a data file's split. Started by torchrun, the processes share the images and rank 0 merges
+    their parts (`matching.retrieval.gallery.build_gallery`)."""
+    from matching.retrieval.gallery import build_gallery
+    from matching.training.distributed import setup, teardown
+
+    launch, target = setup(device)
+    try:
+        model, config, _ = checkpoint.load(checkpoint_path, map_location=target)
+        store = FeatureStore(features)
+        check_features(store, config.model.img_dim, config.model.num_regions, checkpoint_path)
+        gallery, _ = gallery_ids(store, captions, split)
+        return build_gallery(model, checkpoint_path, store, gallery, out, device=target, batch_size=batch_size,
+                             dtype=dtype, index_kind=index_kind, launch=launch, progress=progress)
+    finally:
+        teardown(launch)
+
+
 def decide_shortlist(config: Config, asked: int | None, gallery_size: int, source: object) -> int:
     """The images a search re-ranks after the first stage: 0 scores every image.
 
@@ -156,16 +197,14 @@ def decide_shortlist(config: Config, asked: int | None, gallery_size: int, sourc
 class SearchEngine:
     """A loaded model with its gallery encoded once; see the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, config: Config, vocab: Vocabulary, store: FeatureStore,
-                 gallery: list[str], *, encoded: Embedded, captions: Sequence[Caption] = (),
-                 device: torch.device | str = "cpu", shortlist: int = 0, batch_size: int = 128) -> None:
-        if len(encoded) != len(gallery):
-            raise ValueError(f"{len(encoded)} encoded images for a gallery of {len(gallery)}")
+    def __init__(self, model: torch.nn.Module, config: Config, vocab: Vocabulary, encoded: EncodedGallery, *,
+                 captions: Sequence[Caption] = (), device: torch.device | str = "cpu", shortlist: int = 0,
+                 batch_size: int = 128) -> None:
         device = torch.device(device)
         self.task = get_task(config.task)
-        self.model, self.config, self.vocab, self.store = model.eval().to(device), config, vocab, store
-        self.gallery = list(gallery)
-        self.encoded, self.device, self.batch_size = encoded.to(device), device, batch_size
+        self.model, self.config, self.vocab = model.eval().to(device), config, vocab
+        self.gallery = list(encoded.image_ids)
+        self.encoded, self.device, self.batch_size = encoded, device, batch_size
         self.position = {image_id: i for i, image_id in enumerate(self.gallery)}
         self.ranker = self.task.ranker(self.model, self.encoded, device, shortlist, batch_size)
         self.captions = list(captions)
@@ -173,9 +212,9 @@ class SearchEngine:
         self.caption_owner = [owners.get(c.image_id) for c in self.captions]  # gallery id or None
         self.caption_tokens = [vocab.encode(c.text) for c in self.captions]
         self._caption_cache: dict[str, Any] = {}  # the task's encoded caption gallery, made on first use
-        self.info = EngineInfo(checkpoint="", task=config.task, gallery_size=len(gallery),
+        self.info = EngineInfo(checkpoint="", task=config.task, gallery_size=len(self.gallery),
                                captions=len(self.captions), device=str(device), ranker=self.ranker.name,
-                               multi_query=self.task.combination, index_path=None, index_built=False,
+                               multi_query=self.task.combination, index_path=None, index_built=encoded.built,
                                start_seconds=0.0, shortlist=self.ranker.shortlist)
 
     @classmethod
@@ -193,8 +232,7 @@ class SearchEngine:
         QueryError, CheckpointError, ShardFormatError, SearchIndexError … for input that cannot serve.
         """
         from extract.runtime import resolve_device
-        from matching.retrieval.index import open_index
-        from matching.retrieval.scoring import StoreImages, encode_images
+        from matching.retrieval.gallery import EncodedGallery, open_gallery
 
         settings = settings or EvaluationSettings(split=None)
         started = time.perf_counter()
@@ -204,32 +242,18 @@ class SearchEngine:
         model, config, vocab = checkpoint.load(checkpoint_path, map_location=target)
         store = FeatureStore(features)
         check_features(store, config.model.img_dim, config.model.num_regions, checkpoint_path)
-        selected: list[Caption] = []
-        gallery = store.image_ids
-        if captions is not None:
-            image_ids, selected = gallery_of(captions, settings.split)
-            gallery = sorted(set(resolve_image_ids(image_ids, store.image_ids).values()))
-            if not gallery and images is None:
-                raise QueryError(f"{captions}: none of its {settings.split or ''} images is in {store.directory}")
-        if images is not None:  # these images whatever the captions' split
-            known = set(store.image_ids)
-            gallery = [image_id for image_id in images if image_id in known]
-            if not gallery:
-                raise QueryError(f"none of the images {list(images)[:3]} is in {store.directory}")
+        gallery, selected = gallery_ids(store, captions, settings.split, images)
         shortlist = decide_shortlist(config, settings.shortlist, len(gallery), checkpoint_path)
-        built = False
         if index_path is not None:
-            index = open_index(index_path, model, checkpoint_path, store, gallery, rebuild=rebuild_index,
-                               device=target, batch_size=settings.batch_size)
-            encoded, built = index.encoded, index.built
+            encoded = open_gallery(index_path, model, checkpoint_path, store, gallery, rebuild=rebuild_index,
+                                   device=target, batch_size=settings.batch_size)
         else:
-            with torch.inference_mode():
-                encoded = encode_images(model, StoreImages(store, gallery), target, settings.batch_size)
-        engine = cls(model, config, vocab, store, gallery, encoded=encoded, captions=selected, device=target,
-                     shortlist=shortlist, batch_size=settings.batch_size)
+            encoded = EncodedGallery.encode(model, store, gallery, device=target, batch_size=settings.batch_size)
+        store.close()  # everything a search needs is in the encoded gallery: the shards may change from here on
+        engine = cls(model, config, vocab, encoded, captions=selected, device=target, shortlist=shortlist,
+                     batch_size=settings.batch_size)
         engine.info.checkpoint = str(checkpoint_path)
         engine.info.index_path = str(index_path) if index_path is not None else None
-        engine.info.index_built = built
         engine.info.start_seconds = time.perf_counter() - started
         return engine
 
@@ -258,15 +282,15 @@ class SearchEngine:
             ranks[np.argsort(-rounds[:, r], kind="stable"), r] = np.arange(1, len(rounds) + 1)
         order = np.argsort(-rounds[:, -1], kind="stable")[:k]
         positions = ranking.positions[order]
-        weights = (self.task.regions(self.model, self.encoded.select(torch.as_tensor(positions, device=self.device)),
-                                     tokens, ranking) if regions and len(positions) else None)
+        weights = (self.task.regions(self.model, self.encoded.select(positions, self.device), tokens, ranking)
+                   if regions and len(positions) else None)
         hits = []
         for rank, (row, position) in enumerate(zip(order, positions, strict=True), 1):
             image_id = self.gallery[int(position)]
             hit = Hit(rank, float(rounds[row, -1]), image_id, image_id, round_ranks=ranks[row].tolist())
             if weights is not None:
-                _, boxes, count, size = self.store.get(image_id)
-                strongest = np.argsort(-weights[rank - 1][:count])[:REGIONS_SHOWN]
+                boxes, size = self.encoded.display(int(position))
+                strongest = np.argsort(-weights[rank - 1][:len(boxes)])[:REGIONS_SHOWN]
                 hit.regions = [(boxes[i].tolist(), float(weights[rank - 1][i])) for i in strongest]
                 hit.image_size = size
             hits.append(hit)
@@ -281,7 +305,7 @@ class SearchEngine:
     def image_captions(self, image_id: str, k: int) -> CaptionsResult:
         """The `k` captions of the caption gallery that best describe a gallery image, best first."""
         position = self.require(image_id)
-        image = self.encoded.select(slice(position, position + 1))
+        image = self.encoded.select([position], self.device)
         scores = self.task.caption_scores(self.model, image, self.caption_tokens, self._caption_cache)
         order = np.argsort(-scores, kind="stable")[:k]
         hits = [Hit(rank, float(scores[i]), self.captions[i].text, image_id,

@@ -265,7 +265,8 @@ def default_search_shortlist(config: Any) -> int:
 
 def encode_queries(model: TSHSR, queries: Sequence[Sequence[int]], device: str | torch.device = "cpu",
                    batch_size: int = 128) -> CaptionGroups:
-    """Token-id queries encoded once by the model (in eval mode for the call), for `rerank_images`."""
+    """Token-id queries encoded once by the model (in eval mode for the call): their first-stage vectors for the
+    shortlist and their words for re-scoring (`score_matrix` takes them as they are)."""
     was_training = model.training
     model.eval().to(device)
     try:
@@ -273,39 +274,6 @@ def encode_queries(model: TSHSR, queries: Sequence[Sequence[int]], device: str |
             return CaptionGroups.encode(model, queries, torch.device(device), batch_size)
     finally:
         model.train(was_training)
-
-
-def rerank_images(model: TSHSR, images: Embedded, queries: Sequence[Sequence[int]] | CaptionGroups, k: int, *,
-                  image_vectors: np.ndarray | None = None, device: str | torch.device = "cpu",
-                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Two-stage search of an encoded gallery for a few text queries.
-
-    Stage one takes each query's `k` nearest images by first-stage cosine, and the `k` nearest by
-    the queries' mean cosine; stage two scores every query against that union with the full
-    model. Returns (gallery positions (c,), scores (c, q) float32); the positions are sorted.
-
-    Args:
-        images: the gallery as this model encodes it (e.g. from a search index).
-        queries: token-id lists, or the queries already encoded by this model.
-        image_vectors: the gallery's first-stage vectors (`global_vectors(first_stage_vectors(model, images,
-            "images"))`), when the caller keeps them between searches.
-    """
-    if not len(queries):
-        raise ValueError("rerank_images needs at least one query")
-    device = torch.device(device)
-    captions = queries if isinstance(queries, CaptionGroups) else encode_queries(model, queries, device, batch_size)
-    if image_vectors is None:
-        with torch.inference_mode():
-            image_vectors = global_vectors(first_stage_vectors(model.eval(), images.to(device), "images"))
-    vectors = image_vectors
-    cosines = vectors @ global_vectors(captions.vectors).T  # (n, q)
-    k = min(k, len(vectors))
-    columns = np.concatenate([cosines, cosines.mean(1, keepdims=True)], axis=1)
-    nearest = np.argpartition(-columns, k - 1, axis=0)[:k] if k < len(vectors) else np.arange(len(vectors))[:, None]
-    positions = np.unique(nearest)
-    pairs = np.stack([np.repeat(positions, len(queries)), np.tile(np.arange(len(queries)), len(positions))], 1)
-    scores = score_candidates(model, images, captions, pairs, device=device, batch_size=batch_size)
-    return positions, scores.reshape(len(positions), len(queries))
 
 
 @dataclass

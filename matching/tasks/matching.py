@@ -304,7 +304,7 @@ class MatchingTask:
 
     # ------------------------------------------------------------------ search
 
-    def ranker(self, model: TSHSR, gallery: Embedded, device: torch.device, shortlist: int,
+    def ranker(self, model: TSHSR, gallery: Any, device: torch.device, shortlist: int,
                batch_size: int) -> ExactRanker | ShortlistRanker:
         if shortlist:
             return ShortlistRanker(model, gallery, device, batch_size, shortlist)
@@ -372,39 +372,49 @@ def _rounds(scores: np.ndarray) -> np.ndarray:
 
 
 class ExactRanker:
-    """Every gallery image scored by the full model."""
+    """Every gallery image scored by the full model, a block of the (encoded) gallery at a time."""
 
     name = "exact"
     shortlist = 0
+    block = 4096  # images read from the encoded gallery at once
 
-    def __init__(self, model: TSHSR, gallery: Embedded, device: torch.device, batch_size: int = 128) -> None:
+    def __init__(self, model: TSHSR, gallery: Any, device: torch.device, batch_size: int = 128,
+                 precision: str = "float32") -> None:
         self.model, self.gallery, self.device, self.batch_size = model, gallery, device, batch_size
+        self.precision = precision
 
     def rank(self, queries: list[list[int]], k: int) -> Ranking:
-        scores = score_matrix(self.model, self.gallery, queries, device=self.device, batch_size=self.batch_size)
-        return Ranking(np.arange(len(self.gallery)), _rounds(scores))
+        from matching.retrieval.shortlist import encode_queries
+
+        encoded = encode_queries(self.model, queries, self.device, self.batch_size)
+        scores = np.zeros((len(self.gallery), len(queries)), np.float32)
+        for start, images in self.gallery.blocks(self.block, self.device):
+            scores[start:start + len(images)] = score_matrix(self.model, images, encoded, device=self.device,
+                                                             batch_size=self.batch_size, precision=self.precision)
+        return Ranking(np.arange(len(self.gallery)), _rounds(scores), encoded)
 
 
 class ShortlistRanker:
-    """Two-stage: the `shortlist` images nearest by first-stage cosine (to each query and to their mean),
-    re-scored by the full model (`matching.retrieval.shortlist.rerank_images`). The gallery's first-stage
-    vectors are computed once, here."""
+    """Two-stage: the `shortlist` images nearest by first-stage cosine to each query and to their mean (the
+    gallery's index), read from the encoded gallery and scored by the full model, the queries encoded once."""
 
     name = "shortlist"
 
-    def __init__(self, model: TSHSR, gallery: Embedded, device: torch.device, batch_size: int = 128,
-                 shortlist: int = 200) -> None:
-        from matching.retrieval.shortlist import first_stage_vectors, global_vectors
-
+    def __init__(self, model: TSHSR, gallery: Any, device: torch.device, batch_size: int = 128,
+                 shortlist: int = 200, precision: str = "float32") -> None:
         self.model, self.gallery, self.device, self.batch_size = model, gallery, device, batch_size
-        self.shortlist = shortlist
-        with torch.inference_mode():
-            self.vectors = global_vectors(first_stage_vectors(model.eval(), gallery, "images"))
+        self.shortlist, self.precision = shortlist, precision
 
     def rank(self, queries: list[list[int]], k: int) -> Ranking:
-        from matching.retrieval.shortlist import encode_queries, rerank_images
+        from matching.retrieval.shortlist import encode_queries, global_vectors
 
         encoded = encode_queries(self.model, queries, self.device, self.batch_size)
-        positions, scores = rerank_images(self.model, self.gallery, encoded, max(self.shortlist, k),
-                                          image_vectors=self.vectors, device=self.device, batch_size=self.batch_size)
+        vectors = global_vectors(encoded.vectors)  # (q, e)
+        # each query's nearest images, and those nearest on average (the mean cosine is the cosine with the mean)
+        searched = np.concatenate([vectors, vectors.mean(0, keepdims=True)]) if len(queries) > 1 else vectors
+        _, nearest = self.gallery.nearest(searched, min(max(self.shortlist, k), len(self.gallery)))
+        positions = np.unique(nearest[nearest >= 0])
+        images = self.gallery.select(positions, self.device)
+        scores = score_matrix(self.model, images, encoded, device=self.device, batch_size=self.batch_size,
+                              precision=self.precision)  # (c, q)
         return Ranking(positions, _rounds(scores), encoded)

@@ -244,7 +244,7 @@ class MultiQueryTask:
 
     # ------------------------------------------------------------------ search
 
-    def ranker(self, model: HMRN, gallery: Embedded, device: torch.device, shortlist: int,
+    def ranker(self, model: HMRN, gallery: Any, device: torch.device, shortlist: int,
                batch_size: int) -> RoundsRanker:
         return RoundsRanker(model, gallery, device, batch_size)
 
@@ -269,18 +269,22 @@ class MultiQueryTask:
 
 
 class RoundsRanker:
-    """HMRN's search: every gallery image scored for the queries after each round (`score_rounds`)."""
+    """HMRN's search: every gallery image scored for the queries after each round (`score_rounds`), a block of the
+    encoded gallery at a time."""
 
     name = "rounds"
     shortlist = 0
+    block = 4096  # images read from the encoded gallery at once
 
-    def __init__(self, model: HMRN, gallery: Embedded, device: torch.device, batch_size: int = 128) -> None:
+    def __init__(self, model: HMRN, gallery: Any, device: torch.device, batch_size: int = 128) -> None:
         self.model, self.gallery, self.device, self.batch_size = model, gallery, device, batch_size
 
     def rank(self, queries: list[list[int]], k: int) -> Ranking:
-        scores = score_rounds(self.model, self.gallery, [queries], rounds=len(queries), device=self.device,
-                              batch_size=self.batch_size)[:, 0]  # (R, N)
-        return Ranking(np.arange(len(self.gallery)), np.ascontiguousarray(scores.T))
+        scores = np.zeros((len(self.gallery), len(queries)), np.float32)
+        for start, images in self.gallery.blocks(self.block, self.device):
+            scores[start:start + len(images)] = score_rounds(self.model, images, [queries], rounds=len(queries),
+                                                             device=self.device, batch_size=self.batch_size)[:, 0].T
+        return Ranking(np.arange(len(self.gallery)), scores)
 
 
 def _rounds_of(path: str | os.PathLike) -> int:
