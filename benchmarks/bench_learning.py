@@ -140,6 +140,8 @@ def run(root: Path, name: str, seed: int, features: Path, vocab: Path, shortlist
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="Seeds run are first-seed, first-seed+1, ...: split a long measurement over runs.")
     parser.add_argument("--images", type=int, default=3750, help="Scenes generated (80%% train, 10%% val, 10%% test).")
     parser.add_argument("--regions", type=int, default=36, help="Most regions an image has.")
     parser.add_argument("--variants", default="default,global-loss,length-buckets,plain-batchnorm,plain-head")
@@ -170,7 +172,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             features, vocab, ceiling = world(root, seed, args.images, args.regions)
             ceilings.append(ceiling)
             for name in names:
@@ -196,7 +198,8 @@ def main() -> None:
     with open(RESULTS, "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"benchmark": "bench_learning", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                                  "device": platform.processor() or platform.machine(),
-                                 "threads": torch.get_num_threads(), "seeds": args.seeds, "images": args.images,
+                                 "threads": torch.get_num_threads(), "seeds": args.seeds,
+                                 "first_seed": args.first_seed, "images": args.images,
                                  "regions": args.regions, "model": model, "recipe": recipe,
                                  "bag_of_words_ceiling": bow, "rows": rows, "summary": summary,
                                  "seconds": round(time.time() - started, 1)}) + "\n")

@@ -147,3 +147,23 @@ def test_two_processes_train_hmrn_like_one_with_the_global_batch(tmp_path):
     # missing the other's gradient would move the scores by 1e-3 and more.
     np.testing.assert_allclose(score_rounds(models[0], images, test), score_rounds(models[1], images, test),
                                atol=5e-5)
+
+
+def test_two_processes_encode_a_gallery_like_one(trained_toy, tmp_path):
+    """`tshsr-pipe index` under torchrun: each process encodes its share into a part, rank 0 merges; the gallery
+    reads back what one process writes."""
+    from matching.retrieval.gallery import EncodedGallery
+
+    features, _, _, ckpt, _ = trained_toy
+    common = ["--checkpoint", str(ckpt), "--features", str(features), "--dtype", "float32", "--device", "cpu"]
+    torchrun("index", *common, "--out", str(tmp_path / "two"))
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "index", *common, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = EncodedGallery.open(tmp_path / "one"), EncodedGallery.open(tmp_path / "two")
+    assert [p["num_images"] for p in two.meta["parts"]] == [75, 75] and len(one.meta["parts"]) == 1
+    assert one.image_ids == two.image_ids and len(one) == 150
+    rows = list(range(0, 150, 7))
+    for name in ("local", "glob", "vectors", "num_boxes", "boxes", "sizes"):
+        np.testing.assert_allclose(one.take(name, rows), two.take(name, rows), atol=1e-6)
+    assert not list(tmp_path.glob(".*parts*"))  # the staging parts were moved in
