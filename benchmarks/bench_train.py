@@ -24,9 +24,15 @@ predicted baseline peak fits in 70% of the available memory; if that is below B,
 also runs at B and the baseline at B is extrapolated (memory × (B/b)², time × B/b,
 a lower bound since its pairs grow as B²).
 
+`--head-cost` measures instead what the shortlist's first-stage head adds to the library's
+training step (`matching.tasks.matching.train_step`: the paper's loss, plus the head's InfoNCE on
+detached inputs and its own clipping): the same step with the default head and without it
+(`first_stage_dim` 0), alternated in one process, the best of --steps steps each.
+
 Each run appends one JSON line to benchmarks/results/bench_train.jsonl.
 
     python benchmarks/bench_train.py [--quick] [--batch 128] [--variant tshsr] [--steps 1]
+    python benchmarks/bench_train.py --head-cost [--batch 32] [--steps 3]
 """
 
 from __future__ import annotations
@@ -178,6 +184,38 @@ def check_same_gradients(variant: str, batch_size: int = 6) -> float:
     return worst
 
 
+def head_cost(batch_size: int, steps: int) -> dict[str, Any]:
+    """Seconds a training step with and without the first-stage head, alternated, best of `steps` each."""
+    from matching.config import Config
+    from matching.data.pairs import Batch
+    from matching.tasks.matching import train_step
+
+    features, num_boxes, tokens, lengths = make_batch(batch_size)
+    index = torch.arange(batch_size)
+    batch = Batch(features, num_boxes, tokens, lengths, index, index)
+    sides = {}
+    for name, dim in (("with_head", None), ("without_head", 0)):
+        config = Config().updated(model={"vocab_size": VOCAB, **({} if dim is None else {"first_stage_dim": dim})})
+        torch.manual_seed(0)
+        model = build_model(config.model).train()
+        sides[name] = (config, model, torch.optim.Adam(model.parameters(), lr=2e-4))
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(steps + 1):  # the first round warms up
+        for name, (config, model, optimizer) in sides.items():
+            start = time.perf_counter()
+            train_step(model, optimizer, batch, config, torch.device("cpu"), hardest=True)
+            times[name].append(time.perf_counter() - start)
+    best = {name: min(values[1:]) for name, values in times.items()}
+    head = sides["with_head"][1].first_stage
+    figures = {"benchmark": "first_stage_head_cost", "batch": batch_size, "steps": steps,
+               "seconds_per_step": best, "head_parameters": sum(p.numel() for p in head.parameters()),
+               "relative_cost": best["with_head"] / best["without_head"] - 1}
+    print(f"batch {batch_size}: a training step {best['without_head']:.2f} s without the first-stage head, "
+          f"{best['with_head']:.2f} s with it ({100 * figures['relative_cost']:+.1f}%; the head has "
+          f"{figures['head_parameters']:,} parameters)")
+    return figures
+
+
 def run_worker(impl: str, variant: str, batch_size: int, steps: int) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", impl, "--variant", variant, "--batch", str(batch_size),
                "--steps", str(steps)]
@@ -222,8 +260,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="batch size (default 128)")
     parser.add_argument("--variant", default="tshsr", choices=["tshsr", "hsr", "hsr-t2i", "sgr"])
     parser.add_argument("--steps", type=int, help="timed steps after a warm-up step (default 1)")
+    parser.add_argument("--head-cost", action="store_true",
+                        help="time the library's step with and without the first-stage head (default batch 32)")
     parser.add_argument("--worker", choices=["baseline", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.head_cost:
+        record(head_cost(args.batch or (8 if args.quick else 32), args.steps or 3))
+        return
     batch_size = args.batch or (16 if args.quick else 128)
     steps = args.steps or 1
     if args.worker:

@@ -280,6 +280,7 @@ class Config:
 
 # faiss indexes of two-stage retrieval's first stage (`matching.retrieval.shortlist`): exact, inverted file, HNSW graph.
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+PRECISIONS = ("float32", "tf32", "bf16")  # the scorers' arithmetic (matching.retrieval.scoring.matmul_precision)
 FLAT_UP_TO = 50_000  # an encoded gallery's "auto" first stage: flat (exact) up to this many images, HNSW beyond
 GALLERY_DTYPES = ("float16", "float32")  # how an encoded gallery stores its region embeddings
 SEARCH_SHORTLIST = 200  # images a search query re-ranks with the full model (two-stage search's default)
@@ -299,6 +300,7 @@ class EvaluationSettings:
     shortlist: int | None = None  # two-stage: images each query re-ranks (None: evaluate scores every pair,
     # search and serve take SEARCH_SHORTLIST for a model with a first stage; 0: every pair)
     shortlist_index: str = "flat"  # faiss index of the first stage (INDEX_KINDS)
+    precision: str = "float32"  # the scorers' arithmetic: float32, bf16 (bfloat16 autocast, CPU or GPU) or tf32 (CUDA)
 
     def validate(self) -> EvaluationSettings:
         """Raise ConfigError on a value no evaluation can use; returns self."""
@@ -306,6 +308,8 @@ class EvaluationSettings:
 
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"evaluate.protocol = {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"evaluate.precision = {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.shortlist_index not in INDEX_KINDS:
             raise ConfigError(f"evaluate.shortlist_index = {self.shortlist_index!r}; choose one of "
                               f"{', '.join(INDEX_KINDS)}")

@@ -17,6 +17,7 @@ from matching.config import (
     FLAT_UP_TO,
     GALLERY_DTYPES,
     INDEX_KINDS,
+    PRECISIONS,
     PRESETS,
     SEARCH_SHORTLIST,
     VARIANTS,
@@ -38,6 +39,13 @@ MODEL, TRAIN, EVALUATE = ModelConfig(), TrainConfig(), EvaluationSettings()
 def device_option(command):  # noqa: ANN001, ANN201 - a click decorator
     return click.option("--device", default="auto", show_default=True,
                         help=f"{DEVICE_CHOICES}; auto takes the GPU when there is one.")(command)
+
+
+def precision_option(command):  # noqa: ANN001, ANN201 - a click decorator (evaluate, search and serve)
+    return click.option("--precision", type=click.Choice(PRECISIONS), default=EVALUATE.precision, show_default=True,
+                        help="The scorers' arithmetic: float32, bf16 (bfloat16 matrix products, on a GPU or a CPU "
+                             "with bfloat16 instructions; faster, rankings measured in docs/evaluation.md) or "
+                             "tf32 (CUDA tensor cores).")(command)
 
 
 def shortlist_option(command):  # noqa: ANN001, ANN201 - a click decorator (search and serve)
@@ -92,6 +100,7 @@ def cli() -> None:
                    "the pairs; prints how often the ground truth was in the shortlist).")
 @click.option("--shortlist-index", type=click.Choice(INDEX_KINDS), default=EVALUATE.shortlist_index, show_default=True,
               help="faiss index of the first stage: flat (exact), ivf or hnsw (approximate, for huge galleries).")
+@precision_option
 @click.option("--save-sims", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the (images × captions) score matrix as .npy.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -99,8 +108,8 @@ def cli() -> None:
 @user_errors
 def evaluate(checkpoints: tuple[Path, ...], sims_files: tuple[Path, ...], features: Path, captions: Path, split: str,
              protocol: str, captions_per_image: int, vocab_path: Path | None, device: str, batch_size: int,
-             memory_budget: float | None, shortlist: int | None, shortlist_index: str, save_sims: Path | None,
-             json_path: Path | None) -> None:
+             memory_budget: float | None, shortlist: int | None, shortlist_index: str, precision: str,
+             save_sims: Path | None, json_path: Path | None) -> None:
     """Retrieval metrics of a checkpoint (or an ensemble) on a split.
 
     Matching models: R@1/5/10, medr, meanr and rsum both ways under the standard protocols
@@ -117,7 +126,7 @@ def evaluate(checkpoints: tuple[Path, ...], sims_files: tuple[Path, ...], featur
         raise UserError("--save-sims needs every pair scored; leave out --shortlist to save the score matrix")
     settings = EvaluationSettings(split=split or None, protocol=protocol, captions_per_image=captions_per_image,
                                   batch_size=batch_size, memory_budget=memory_budget, shortlist=shortlist,
-                                  shortlist_index=shortlist_index)
+                                  shortlist_index=shortlist_index, precision=precision)
     outcome = evaluate_checkpoint(checkpoints, features, captions, settings=settings, sims_files=sims_files,
                                   vocab_path=vocab_path, device=device, progress=True, log=click.echo)
     if not Launch.from_env().is_main:  # under torchrun, rank 0 reports
@@ -375,11 +384,12 @@ def train(task: str | None, features: Path, captions: Path, vocab_path: Path, na
                    "disk (built here on first use; `tshsr-pipe index` builds one ahead, under torchrun too).")
 @click.option("--rebuild-index", is_flag=True, help="Encode the gallery again into --index.")
 @shortlist_option
+@precision_option
 @device_option
 @user_errors
 def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_k: int, image_id: str | None,
            captions: Path | None, split: str | None, images_dir: Path | None, html_path: Path | None,
-           index_path: Path | None, rebuild_index: bool, shortlist: int | None, device: str) -> None:
+           index_path: Path | None, rebuild_index: bool, shortlist: int | None, precision: str, device: str) -> None:
     """Rank the gallery's images for a text QUERY, or captions for an --image.
 
     A multi-query checkpoint takes several QUERIES, given in rounds: the images are ranked
@@ -395,7 +405,7 @@ def search(queries: tuple[str, ...], checkpoint_path: Path, features: Path, top_
 
     found = run_search(checkpoint_path, features, query=list(queries), image_id=image_id, captions=captions,
                        split=split, k=top_k, index_path=index_path, rebuild_index=rebuild_index,
-                       with_regions=html_path is not None, device=device, shortlist=shortlist)
+                       with_regions=html_path is not None, device=device, shortlist=shortlist, precision=precision)
     if found.index_built:
         click.echo(f"index of {found.gallery_size} images written to {index_path}")
     if found.shortlist:
@@ -557,10 +567,11 @@ cli.add_command(verify)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @shortlist_option
+@precision_option
 @device_option
 @user_errors
 def serve(checkpoint_path: Path, features: Path, captions: Path | None, split: str | None, images_dir: Path | None,
-          index_path: Path | None, host: str, port: int, shortlist: int | None, device: str) -> None:
+          index_path: Path | None, host: str, port: int, shortlist: int | None, precision: str, device: str) -> None:
     """A search page and a JSON API over a model and its gallery, loaded once (Ctrl-C stops).
 
     \b
@@ -571,13 +582,13 @@ def serve(checkpoint_path: Path, features: Path, captions: Path | None, split: s
     from pipelines.serve.app import build_app
 
     app = build_app(checkpoint_path, features, captions=captions, images_dir=images_dir, index_path=index_path,
-                    device=device, settings=EvaluationSettings(split=split, shortlist=shortlist))
+                    device=device, settings=EvaluationSettings(split=split, shortlist=shortlist, precision=precision))
     about = app.state.engine.info
     if about.index_built:
         click.echo(f"index of {about.gallery_size} images written to {index_path}")
     scoring = f"shortlist scoring ({about.shortlist} images re-ranked)" if about.shortlist else "exact scoring"
-    click.echo(f"{about.gallery_size} images, {about.captions} captions, {scoring} on {about.device} "
-               f"(ready in {about.start_seconds:.1f} s)")
+    click.echo(f"{about.gallery_size} images, {about.captions} captions, {scoring} in {about.precision} "
+               f"on {about.device} (ready in {about.start_seconds:.1f} s)")
     click.echo(f"serving http://{host}:{port}/ (Ctrl-C stops)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -118,7 +118,8 @@ def evaluate_checkpoint(
     the images are shared among the ranks and every rank gets the same result.
 
     `settings` (`EvaluationSettings`): the split, the protocol, captions per image, batch size,
-    memory budget and, for a matching model, `shortlist` = K for two-stage retrieval (the result
+    memory budget, the scorers' precision (float32, or bf16 autocast around every scoring call:
+    docs/evaluation.md) and, for a matching model, `shortlist` = K for two-stage retrieval (the result
     then has no score array, and a `ShortlistReport` per protocol). `log` gets a progress line
     with the ETA every 30 s when no progress bar is shown.
     """
@@ -141,7 +142,7 @@ def evaluate_checkpoint(
                                 sims_files)
     tokens = [task.encode(data, vocab) for _, _, vocab in loaded]
     sources = [str(p) for p in sims_files] + [str(p) for p in checkpoints]
-    from matching.retrieval.scoring import StoreImages
+    from matching.retrieval.scoring import StoreImages, matmul_precision
 
     images = StoreImages(store, data.image_ids)
     if settings.shortlist:
@@ -150,17 +151,20 @@ def evaluate_checkpoint(
                                "score matrices (--sims)")
         if Launch.from_env().world_size > 1:
             raise MetricsError("--shortlist runs in one process; start evaluate without torchrun")
-        results, reports = task.two_stage([model for model, _, _ in loaded], [config for _, config, _ in loaded],
-                                          checkpoints, images, tokens, data, settings, resolve_device(device),
-                                          progress=progress, log=log)
+        target = resolve_device(device)
+        with matmul_precision(settings.precision, target):
+            results, reports = task.two_stage([model for model, _, _ in loaded], [config for _, config, _ in loaded],
+                                              checkpoints, images, tokens, data, settings, target,
+                                              progress=progress, log=log)
         return EvaluationResult(results, None, data.image_ids, data.count, settings.split, sources, task.name,
                                 shortlist=reports)
     matrices = [load_sims(path, data.shape) for path in sims_files]
     launch, device_t = setup(device) if loaded else (None, None)
     try:
         for (model, _, _), model_tokens in zip(loaded, tokens, strict=True):
-            matrices.append(task.score(model, images, model_tokens, data, settings, launch, device_t,
-                                       progress=progress, log=log))
+            with matmul_precision(settings.precision, device_t):
+                matrices.append(task.score(model, images, model_tokens, data, settings, launch, device_t,
+                                           progress=progress, log=log))
     finally:
         if launch is not None:
             teardown(launch)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from matching.config import PRECISIONS
 from matching.model.encoders import Embedded
 from matching.model.similarity import default_chunk_rows
 from matching.model.tshsr import TSHSR
@@ -188,7 +189,6 @@ def length_groups(blocks: list[tuple[Tensor, Embedded]]) -> list[tuple[Tensor, E
             for _, parts in sorted(pieces.items())]
 
 
-PRECISIONS = ("float32", "tf32", "bf16")
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from matching.config import SEARCH_SHORTLIST, Config, EvaluationSettings
 from matching.data.captions import Caption, resolve_image_ids
 from matching.data.text import Vocabulary, tokenize
 from matching.retrieval.gallery import EncodedGallery
+from matching.retrieval.scoring import matmul_precision
 from matching.tasks import get_task, task_of_data
 from matching.tasks.base import Ranking
 
@@ -109,6 +110,7 @@ class EngineInfo:
     index_built: bool
     start_seconds: float  # time to load the model and encode the galleries
     shortlist: int = 0  # images a query re-ranks after the first-stage shortlist (0: every image)
+    precision: str = "float32"  # the scorers' arithmetic
 
 
 def encode_query(vocab: Vocabulary, text: str) -> tuple[list[int], list[str]]:
@@ -199,23 +201,24 @@ class SearchEngine:
 
     def __init__(self, model: torch.nn.Module, config: Config, vocab: Vocabulary, encoded: EncodedGallery, *,
                  captions: Sequence[Caption] = (), device: torch.device | str = "cpu", shortlist: int = 0,
-                 batch_size: int = 128) -> None:
+                 batch_size: int = 128, precision: str = "float32") -> None:
         device = torch.device(device)
         self.task = get_task(config.task)
         self.model, self.config, self.vocab = model.eval().to(device), config, vocab
         self.gallery = list(encoded.image_ids)
         self.encoded, self.device, self.batch_size = encoded, device, batch_size
+        self.precision = precision  # the ranker's arithmetic (EvaluationSettings.precision)
         self.position = {image_id: i for i, image_id in enumerate(self.gallery)}
         self.ranker = self.task.ranker(self.model, self.encoded, device, shortlist, batch_size)
         self.captions = list(captions)
         owners = resolve_image_ids({c.image_id for c in self.captions}, self.gallery)
         self.caption_owner = [owners.get(c.image_id) for c in self.captions]  # gallery id or None
-        self.caption_tokens = [vocab.encode(c.text) for c in self.captions]
+        self._caption_tokens: list[list[int]] | None = None  # tokenised on first use (`caption_tokens`)
         self._caption_cache: dict[str, Any] = {}  # the task's encoded caption gallery, made on first use
         self.info = EngineInfo(checkpoint="", task=config.task, gallery_size=len(self.gallery),
                                captions=len(self.captions), device=str(device), ranker=self.ranker.name,
                                multi_query=self.task.combination, index_path=None, index_built=encoded.built,
-                               start_seconds=0.0, shortlist=self.ranker.shortlist)
+                               start_seconds=0.0, shortlist=self.ranker.shortlist, precision=precision)
 
     @classmethod
     def open(cls, checkpoint_path: str | os.PathLike, features: str | os.PathLike, *,
@@ -251,7 +254,7 @@ class SearchEngine:
             encoded = EncodedGallery.encode(model, store, gallery, device=target, batch_size=settings.batch_size)
         store.close()  # everything a search needs is in the encoded gallery: the shards may change from here on
         engine = cls(model, config, vocab, encoded, captions=selected, device=target, shortlist=shortlist,
-                     batch_size=settings.batch_size)
+                     batch_size=settings.batch_size, precision=settings.validate().precision)
         engine.info.checkpoint = str(checkpoint_path)
         engine.info.index_path = str(index_path) if index_path is not None else None
         engine.info.start_seconds = time.perf_counter() - started
@@ -275,7 +278,8 @@ class SearchEngine:
             except QueryError as error:
                 raise QueryError(f"query {number}: {error}" if len(queries) > 1 else str(error)) from None
         tokens = [ids for ids, _ in encoded]
-        ranking = self.ranker.rank(tokens, k)
+        with matmul_precision(self.precision, self.device):
+            ranking = self.ranker.rank(tokens, k)
         rounds = ranking.scores  # (c, R)
         ranks = np.empty(rounds.shape, np.int64)  # (c, R): the rank of each candidate after each round
         for r in range(rounds.shape[1]):
@@ -302,11 +306,20 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ image → captions
 
+    @property
+    def caption_tokens(self) -> list[list[int]]:
+        """The caption gallery's token ids, made on the first image → captions request: a text search never
+        needs them, so a server's start does not wait for a whole caption file to be tokenised."""
+        if self._caption_tokens is None:
+            self._caption_tokens = [self.vocab.encode(c.text) for c in self.captions]
+        return self._caption_tokens
+
     def image_captions(self, image_id: str, k: int) -> CaptionsResult:
         """The `k` captions of the caption gallery that best describe a gallery image, best first."""
         position = self.require(image_id)
         image = self.encoded.select([position], self.device)
-        scores = self.task.caption_scores(self.model, image, self.caption_tokens, self._caption_cache)
+        with matmul_precision(self.precision, self.device):
+            scores = self.task.caption_scores(self.model, image, self.caption_tokens, self._caption_cache)
         order = np.argsort(-scores, kind="stable")[:k]
         hits = [Hit(rank, float(scores[i]), self.captions[i].text, image_id,
                     matches_query_image=self.caption_owner[i] == image_id) for rank, i in enumerate(order, 1)]
@@ -350,12 +363,14 @@ def search(
     with_regions: bool = False,
     device: str = "auto",
     shortlist: int | None = None,
+    precision: str = "float32",
 ) -> SearchResult:
     """One search through a `SearchEngine` opened for it: images for a text `query` (several texts, given
     in rounds), or the captions of `captions` for an `image_id`.
 
     `captions` + `split` limit a text search to the images of that split; `index_path` keeps the
-    gallery encoded by the model between searches; `shortlist` as `decide_shortlist`.
+    gallery encoded by the model between searches; `shortlist` as `decide_shortlist`; `precision`
+    the scorers' arithmetic (EvaluationSettings.precision).
     QueryError, CaptionFormatError, ShardFormatError … for input that cannot be answered.
     """
     texts = [query] if isinstance(query, str) else list(query or [])
@@ -363,7 +378,7 @@ def search(
         raise QueryError("give either a text QUERY or --image ID")
     if image_id is not None and captions is None:
         raise QueryError("--image needs --captions: the captions to rank")
-    settings = EvaluationSettings(split=split, shortlist=shortlist)
+    settings = EvaluationSettings(split=split, shortlist=shortlist, precision=precision)
     if image_id is not None:  # only the query image is encoded; the captions are its gallery
         store = FeatureStore(features)
         resolved = resolve_image_ids([image_id], store.image_ids).get(image_id)
