@@ -32,6 +32,32 @@ def test_tokenizer_equals_nltk_word_tokenize_with_preserve_line():
         assert tokenize(caption) == word_tokenize(caption.lower(), preserve_line=True)
 
 
+def test_the_plain_caption_path_equals_nltk_on_every_string_near_it(monkeypatch):
+    """`tokenize` splits plain captions itself; on strings made of what a plain caption holds, and of what
+    would make it not plain (repeated commas, digits beside commas, inner periods, the contraction words,
+    capitals, tabs), it must give what NLTK gives."""
+    import random
+
+    from nltk.tokenize import NLTKWordTokenizer
+
+    import matching.data.text as text
+
+    nltk = NLTKWordTokenizer()
+    pieces = ["a", "Dog", "z", "0", "9", "w0123", " ", " ", ",", ",", ".", "..", "\t", "cannot", "gonna", "wanna",
+              "gimme", "can", "not", "got", "ta", "3,5", "é", "'s", "!"]
+    generator = random.Random(0)
+    for _ in range(20000):
+        caption = "".join(generator.choice(pieces) for _ in range(generator.randint(0, 12)))
+        assert tokenize(caption) == nltk.tokenize(caption.lower()), repr(caption)
+    calls = []
+    monkeypatch.setattr(text, "_TOKENIZER", type("Spy", (), {"tokenize": lambda self, s: calls.append(s) or []})())
+    assert tokenize("A man riding a wave on top of a surfboard.") == \
+        ["a", "man", "riding", "a", "wave", "on", "top", "of", "a", "surfboard", "."]
+    tokenize("Two dogs, one ball, 3 kids")
+    assert calls == ["two dogs, one ball, 3 kids"]  # digits and commas: NLTK's rules decide
+    assert tokenize("Two dogs, one ball.") == ["two", "dogs", ",", "one", "ball", "."] and len(calls) == 1
+
+
 def test_vocabulary_threshold_order_and_encoding():
     captions = ["a dog runs", "A dog sits.", "a cat sits", "a dog"]
     vocab = Vocabulary.build(captions, threshold=2)
