@@ -251,7 +251,9 @@ def stage_open_train(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
             break
     rate = batches / (time.perf_counter() - started)
     return {"open_seconds": opened, "rss_after_open": rss_open, "training_pairs": len(data.dataset),
-            "loader_batches_per_s": rate, "note": f"{rate:.1f} batches/s of 128 (2 workers)"}
+            "loader_batches_per_s": rate,
+            "note": f"opened in {opened:.1f} s ({len(data.dataset):,} training pairs); then {rate:.1f} batches/s "
+                    "of 128 (2 workers)"}
 
 
 def stage_train_step(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
