@@ -22,6 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
+REFUSED, NOT_ALLOWED = "refused", "is not allowed"  # how a refusal's message starts or ends (`refused`)
+
+
 def _numpy_attr(modules: tuple[str, ...], name: str) -> Any:
     for module in modules:
         try:
@@ -34,7 +37,7 @@ def _numpy_attr(modules: tuple[str, ...], name: str) -> Any:
 def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     """``_codecs.encode`` as protocol-2 pickles use it for bytes; only the text codecs they need."""
     if codecs.lookup(encoding).name not in ("latin-1", "iso8859-1", "utf-8"):
-        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r} is not allowed")
+        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r} {NOT_ALLOWED}")
     return codecs.encode(text, encoding, errors)
 
 
@@ -73,11 +76,16 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         factory = self.allowed.get((module, name))
         if factory is None:
-            raise pickle.UnpicklingError(f"refused {module}.{name}")
+            raise pickle.UnpicklingError(f"{REFUSED} {module}.{name}")
         return factory()
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("refused a persistent id (not a plain data pickle)")
+        raise pickle.UnpicklingError(f"{REFUSED} a persistent id (not a plain data pickle)")
+
+
+def refused(error: pickle.UnpicklingError) -> bool:
+    """Whether an unpickling error is `RestrictedUnpickler` refusing a global (not a torn or damaged file)."""
+    return str(error).startswith(REFUSED) or str(error).endswith(NOT_ALLOWED)
 
 
 def restricted_load(data: bytes | io.BufferedIOBase | Any, *,

@@ -17,6 +17,7 @@ from matching.config import (
     FLAT_UP_TO,
     GALLERY_DTYPES,
     INDEX_KINDS,
+    PHRASE_CLEANINGS,
     PRECISIONS,
     PRESETS,
     SEARCH_SHORTLIST,
@@ -164,7 +165,7 @@ def import_sgraf(sgraf_checkpoint: Path, vocab_path: Path, out: Path) -> None:
 
 
 @cli.command()
-@click.argument("captions", type=EXISTING_FILE)
+@click.argument("captions", type=EXISTING_FILE, required=False)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write vocab.json (SGRAF's layout).")
 @click.option("--threshold", default=4, show_default=True, type=click.IntRange(min=1),
@@ -172,10 +173,25 @@ def import_sgraf(sgraf_checkpoint: Path, vocab_path: Path, out: Path) -> None:
 @click.option("--split", "splits", multiple=True,
               help="Splits whose texts are counted (repeat the option for several) [default: train and val "
                    "for captions, train for multi-query JSONL].")
+@click.option("--from-drilldown", "drilldown", type=EXISTING_FILE,
+              help="Convert DrillDown's pickled vocabulary (data/caches/vg_vocab_14284.pkl, HMRN's) instead of "
+                   "counting words: its word indices are kept; read with a restricted unpickler.")
 @user_errors
-def vocab(captions: Path, out: Path, threshold: int, splits: tuple[str, ...]) -> None:
+def vocab(captions: Path | None, out: Path, threshold: int, splits: tuple[str, ...], drilldown: Path | None) -> None:
     """Build the vocabulary from the train (and val) captions of CAPTIONS, or from the training
-    queries of a multi-query JSONL file."""
+    queries of a multi-query JSONL file; or convert DrillDown's with --from-drilldown."""
+    if drilldown is not None:
+        given_threshold = click.get_current_context().get_parameter_source("threshold").name != "DEFAULT"
+        if captions is not None or splits or given_threshold:
+            raise UserError("--from-drilldown converts DrillDown's vocabulary as it is: give no CAPTIONS, "
+                            "--split or --threshold with it")
+        from matching.importers.drilldown import import_drilldown_vocab
+
+        built = import_drilldown_vocab(drilldown, out)
+        click.echo(f"{len(built)} words (DrillDown's {drilldown.name}, its word indices kept) written to {out}")
+        return
+    if captions is None:
+        raise UserError("give CAPTIONS (a caption or multi-query file) or --from-drilldown VOCAB.pkl")
     from matching.data.vocabulary import build_vocabulary
 
     built, counted = build_vocabulary(captions, out, splits=splits or None, threshold=threshold)
@@ -224,17 +240,21 @@ def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_
               help="The multi-query JSONL file to write (image_id, split, queries).")
 @click.option("--max-turns", default=MultiQueryConfig().max_turns, show_default=True, type=click.IntRange(min=1),
               help="Images with fewer distinct region phrases are dropped (HMRN: 10).")
+@click.option("--cleaning", type=click.Choice(PHRASE_CLEANINGS), default=PHRASE_CLEANINGS[0], show_default=True,
+              help="strict: phrases lower-cased and stripped, blank ones dropped; hmrn: lower-cased only, blanks "
+                   "kept, as HMRN's data loader does (to reproduce its table).")
 @user_errors
-def import_vg(regions: Path, splits_dir: Path, out: Path, max_turns: int) -> None:
+def import_vg(regions: Path, splits_dir: Path, out: Path, max_turns: int, cleaning: str) -> None:
     """Visual Genome region descriptions → multi-query JSONL, with DrillDown's split (HMRN's data).
 
     REGIONS is DrillDown's rg_jsons/ directory (one region-graph JSON per image) or Visual
-    Genome's region_descriptions.json. Phrases are lower-cased, exact duplicates dropped,
-    and images with fewer than --max-turns phrases left out; the counts are printed.
+    Genome's region_descriptions.json. Phrases are cleaned (--cleaning), exact duplicates
+    dropped, and images with fewer than --max-turns phrases left out; the counts are printed,
+    with what the other cleaning would have kept, dropped and changed.
     """
     from matching.data.queries import import_vg_queries
 
-    counts = import_vg_queries(regions, splits_dir, out, max_turns=max_turns)
+    counts = import_vg_queries(regions, splits_dir, out, max_turns=max_turns, cleaning=cleaning)
     click.echo(counts.summary())
     click.echo(f"query sets written to {out}")
 

@@ -46,7 +46,9 @@ Where the paper and HMRN's code are silent or disagree (each other option is a c
   backward half has seen only the <end> token; `query_readout: ends` reads the forward
   direction at the last token and the backward one at the first instead.
 - Round weights beyond T (a search with more queries than the model's `max_turns`) stay 1.
-- Queries are wrapped in <start> … <end> like captions (HMRN appends only <end>).
+- A query's tokens are its words and <end>, as HMRN's data loader makes them
+  (`query_wrap: end`); `start-end` wraps them in <start> … <end> as captions are
+  (what checkpoints saved before the field existed were trained with).
 """
 
 from __future__ import annotations
@@ -392,7 +394,7 @@ def score_rounds(
         model: the network; put in eval mode for the call and restored after.
         images: region features (`matching.retrieval.scoring.ImageArrays`, `StoreImages`, any
             `ImageSource`), or images already encoded by this model (an `Embedded`).
-        query_sets: per set, its queries' token ids (with <start>/<end>) in round order.
+        query_sets: per set, its queries' token ids (wrapped as the model reads them) in round order.
         rounds: R (default: the most queries of a set); a set keeps its first R queries.
         device: where to compute; the model is moved there.
         batch_size: images / query sets per encoder batch.

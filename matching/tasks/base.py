@@ -95,6 +95,11 @@ class Task(Protocol):
         """The texts a vocabulary is counted from (`splits`, or the task's default ones)."""
         ...
 
+    def text_wrap(self, config: Config) -> str:
+        """How the model of `config` wraps a text's token ids (`matching.config.TEXT_WRAPS`), for every text it
+        reads: training, evaluation and search."""
+        ...
+
     def gallery(self, path: str | os.PathLike, split: str | None) -> tuple[set[str], list[Any]]:
         """(the image ids of a data file's split, the captions an image can be described with — none for
         a task that only ranks images)."""
@@ -150,8 +155,8 @@ class Task(Protocol):
         """The test split: its images and texts, checked against the protocol before any scoring."""
         ...
 
-    def encode(self, data: EvaluationData, vocab: Vocabulary) -> list[Any]:
-        """The split's texts as token ids of one model's vocabulary."""
+    def encode(self, data: EvaluationData, vocab: Vocabulary, config: Config) -> list[Any]:
+        """The split's texts as token ids of one model's vocabulary, wrapped as that model (`config`) reads them."""
         ...
 
     def score(self, model: nn.Module, images: Any, tokens: list[Any], data: EvaluationData,

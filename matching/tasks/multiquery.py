@@ -78,7 +78,8 @@ class MultiQueryTask:
     model_config = MultiQueryConfig
     recipe = PRESETS["hmrn"]  # HMRN's recipe (its opts.py)
     variants: dict[str, dict[str, Any]] = {}
-    legacy_fields: dict[str, Any] = {}
+    # A checkpoint saved before `model.query_wrap` existed was trained on queries wrapped as captions are.
+    legacy_fields: dict[str, Any] = {"model.query_wrap": "start-end"}
     run_prefix = "hmrn"
     data_file = "a multi-query JSONL file (image_id, split, queries)"
     unit = "query sets"
@@ -94,6 +95,9 @@ class MultiQueryTask:
         """The queries of `splits` (default train)."""
         return [q for item in read_query_split(path, list(splits or ("train",)), "the vocabulary")
                 for q in item.queries]
+
+    def text_wrap(self, config: Config) -> str:
+        return config.model.query_wrap  # HMRN's: words… <end>
 
     def gallery(self, path: str | os.PathLike, split: str | None) -> tuple[set[str], list[Any]]:
         sets = read_query_split(path, split, "search") if split else read_query_sets(path)
@@ -115,7 +119,9 @@ class MultiQueryTask:
         config = config.updated(model={"img_dim": store.feature_dim, "num_regions": store.max_boxes,
                                        "vocab_size": len(vocab)})
         turns = config.model.max_turns
-        sets = build_query_data(read_query_split(data_file, train_split, "training"), store.image_ids, vocab, turns)
+        wrap = self.text_wrap(config)
+        sets = build_query_data(read_query_split(data_file, train_split, "training"), store.image_ids, vocab, turns,
+                                wrap)
         dataset = MultiQueryDataset(store, sets, turns, seed=config.train.seed,
                                     in_memory=config.train.features_in_memory)
         validation = None
@@ -126,7 +132,7 @@ class MultiQueryTask:
             log(f"note: {data_file} has no query sets marked '{val_split}': no validation; "
                 "model_best.pt is the last epoch")
         else:
-            val = build_query_data(marked, store.image_ids, vocab, turns)
+            val = build_query_data(marked, store.image_ids, vocab, turns, wrap)
             if config.train.val_images:
                 val.image_ids, val.queries = val.image_ids[: config.train.val_images], val.queries[
                     : config.train.val_images]
@@ -217,8 +223,9 @@ class MultiQueryTask:
         return EvaluationData(image_ids, [list(item.queries[:turns]) for item in sets],
                               (turns, len(image_ids), len(image_ids)), len(sets))
 
-    def encode(self, data: EvaluationData, vocab: Vocabulary) -> list[list[list[int]]]:
-        return [[vocab.encode(q) for q in queries] for queries in data.texts]
+    def encode(self, data: EvaluationData, vocab: Vocabulary, config: Config) -> list[list[list[int]]]:
+        wrap = self.text_wrap(config)
+        return [[vocab.encode(q, wrap) for q in queries] for queries in data.texts]
 
     def score(self, model: HMRN, images: Any, tokens: list[list[list[int]]], data: EvaluationData,
               settings: EvaluationSettings, launch: Launch, device: torch.device, *, progress: bool,
