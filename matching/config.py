@@ -301,7 +301,7 @@ class EvaluationSettings:
     """How a test split is scored: read by `evaluate`, the pipeline's evaluate section and the search service."""
 
     split: str | None = "test"  # the split scored (None: every caption or query set of the file; a gallery: all)
-    protocol: str = "all"  # coco1k, coco5k, f30k, full, or all that fit (matching.retrieval.metrics.PROTOCOLS)
+    protocol: str = "all"  # coco1k, coco5k, f30k, full, all that fit, hmrn (matching.retrieval.metrics.PROTOCOLS)
     captions_per_image: int = 5  # captions of each test image ranked (the first ones)
     batch_size: int = 128  # images or captions per encoder batch
     memory_budget: float | None = None  # GiB of working memory for scoring blocks (None: half the free GPU memory,

@@ -59,6 +59,7 @@ class EvaluationData:
     texts: list[Any]  # what each model encodes with its own vocabulary (captions; query sets)
     shape: tuple[int, ...]  # of the score array (matching: images × captions; multi-query: rounds × sets × images)
     count: int  # captions or query sets
+    left_out: int = 0  # texts of the split the protocol does not rank (HMRN's: the sets beyond its whole tiles)
 
 
 @dataclass
