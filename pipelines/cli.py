@@ -167,6 +167,30 @@ def import_sgraf(sgraf_checkpoint: Path, vocab_path: Path, out: Path) -> None:
                f"vocabulary {m.vocab_size} words, {m.num_regions} regions")
 
 
+@cli.command("import-hmrn")
+@click.argument("hmrn_checkpoint", type=EXISTING_FILE)
+@click.option("--vocab", "vocab_path", type=EXISTING_FILE, required=True,
+              help="The vocabulary the model was trained with: DrillDown's vg_vocab_14284.pkl (read with a "
+                   "restricted unpickler) or the vocab.json `tshsr-pipe vocab --from-drilldown` made of it.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the tshsr-pipe checkpoint (task multi-query).")
+@user_errors
+def import_hmrn(hmrn_checkpoint: Path, vocab_path: Path, out: Path) -> None:
+    """Convert a checkpoint of HMRN's own train.py (HMRN_CHECKPOINT: model_best.pth.tar, I-T or T-I) into a
+    tshsr-pipe checkpoint to evaluate, search or serve.
+
+    The file is read with a restricted unpickler: only tensors, plain data and
+    argparse.Namespace are admitted, so a tampered file cannot run code.
+    """
+    from matching.importers.hmrn import import_hmrn as convert
+
+    path, config = convert(hmrn_checkpoint, vocab_path, out)
+    m = config.model
+    click.echo(f"wrote {path}: HMRN {m.direction}, d={m.embed_size}, m={m.sim_dim}, λ_i2t={m.lambda_i2t:g}, "
+               f"λ_t2i={m.lambda_t2i:g}, α={m.local_weight:g}, β={m.reasoning_weight:g}, τ={m.tau:g}, "
+               f"vocabulary {m.vocab_size} words, {m.num_regions} regions")
+
+
 @cli.command()
 @click.argument("captions", type=EXISTING_FILE, required=False)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
