@@ -4,11 +4,16 @@ its published defaults, each pinned to the value HMRN's code uses (docs/multi-qu
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
-from matching.config import Config
+from matching.config import PRESETS, Config, MultiQueryConfig
+from matching.model.hmrn import build_hmrn, score_rounds
+from matching.retrieval.scoring import ImageArrays
 from matching.data.queries import import_vg_queries, read_query_sets
 from pipelines.cli import cli
 from tests.test_multiquery_data import phrases, region
@@ -85,3 +90,48 @@ def test_a_query_is_its_words_and_end_by_default_and_old_checkpoints_keep_start_
     del saved["model"]["query_wrap"]  # a checkpoint written before the field existed
     assert Config.from_checkpoint(saved).model.query_wrap == "start-end"
     assert Config.from_dict(saved).model.query_wrap == "end"  # a config file without it gets today's default
+
+
+# --------------------------------------------------------------------------- HMRN's published defaults
+
+# HMRN's opts.py and model.py (LZH-053/HMRN) and the paper, written out as numbers: what `MultiQueryConfig()`,
+# `--preset hmrn` (the multi-query task's recipe) and `import-hmrn` must give. Not read from any config.
+HMRN_MODEL = {"lambda_i2t": 5.0, "lambda_t2i": 15.0, "lambda_reasoning": 15.0, "tau": 40.0, "local_weight": 0.6,
+              "reasoning_weight": 0.3, "embed_size": 256, "sim_dim": 256, "word_dim": 300, "img_dim": 2048,
+              "num_regions": 36, "dropout": 0.4, "max_turns": 10, "reasoning_steps": 3, "gru_layers": 1,
+              "bidirectional": True, "normalize_images": True, "normalize_text": True}
+HMRN_RECIPE = {"learning_rate": 4e-4, "epochs": 150, "lr_decay_epoch": 75, "lr_decay": 0.1, "batch_size": 128,
+               "grad_clip": 2.0}
+
+
+@pytest.mark.parametrize("field, value", sorted(HMRN_MODEL.items()))
+def test_each_published_model_default_is_hmrns_number(field, value):
+    assert getattr(MultiQueryConfig(), field) == value
+    assert getattr(Config.default("multi-query").model, field) == value
+
+
+@pytest.mark.parametrize("field, value", sorted(HMRN_RECIPE.items()))
+def test_each_published_training_default_is_hmrns_number(field, value):
+    assert getattr(Config.default("multi-query").train, field) == value
+    assert PRESETS["hmrn"][field] == value
+
+
+def test_the_default_model_scores_with_hmrns_numbers_not_with_the_configs():
+    """The reference gets HMRN's literals, not the config the model was built from: a swapped λ, α or β in the
+    defaults changes the model's scores and not the reference's."""
+    from tests.conftest import random_images, randomize_batchnorm
+    from tests.reference_multiquery import reference_round_scores
+
+    for direction in ("i2t", "t2i"):
+        torch.manual_seed(0)
+        model = build_hmrn(MultiQueryConfig(vocab_size=30, img_dim=24, direction=direction))  # every other default
+        randomize_batchnorm(model, 0)
+        model.eval()
+        published = SimpleNamespace(**{**MultiQueryConfig().to_dict(), **HMRN_MODEL, "direction": direction,
+                                       "round_weight": "triangular", "query_readout": "last"})
+        features, num_boxes = random_images(2, 36, 24, seed=1)
+        rng = np.random.default_rng(2)
+        sets = [[[*rng.integers(4, 30, size=3).tolist(), 2] for _ in range(4)] for _ in range(2)]
+        ours = score_rounds(model, ImageArrays(features, num_boxes), sets)
+        expected = reference_round_scores(model, published, features, num_boxes, sets, rounds=4).numpy()
+        np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0, err_msg=direction)
