@@ -21,7 +21,6 @@ import pickle
 from collections.abc import Callable, Mapping
 from typing import Any
 
-
 REFUSED, NOT_ALLOWED = "refused", "is not allowed"  # how a refusal's message starts or ends (`refused`)
 
 

@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from matching.config import PRESETS, Config, MultiQueryConfig
+from matching.data.queries import import_vg_queries, read_query_sets
 from matching.model.hmrn import build_hmrn, score_rounds
 from matching.retrieval.scoring import ImageArrays
-from matching.data.queries import import_vg_queries, read_query_sets
 from pipelines.cli import cli
 from tests.test_multiquery_data import phrases, region
 

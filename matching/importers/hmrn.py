@@ -104,7 +104,8 @@ def hmrn_config(opt: argparse.Namespace, parts: list[dict[str, torch.Tensor]], s
         query_readout="last", max_turns=_option(opt, "max_turns", 10, int, source),
         direction=DIRECTIONS[direction], lambda_i2t=_option(opt, "temperature_lambda_i2t", 5.0, float, source),
         lambda_t2i=t2i, lambda_reasoning=t2i, reasoning_steps=steps,
-        local_weight=_option(opt, "alpha", 0.6, float, source), reasoning_weight=_option(opt, "beta", 0.3, float, source),
+        local_weight=_option(opt, "alpha", 0.6, float, source),
+        reasoning_weight=_option(opt, "beta", 0.3, float, source),
         tau=_option(opt, "tau", 40.0, float, source), query_wrap="end").validate()
 
 

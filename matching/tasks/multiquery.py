@@ -56,7 +56,6 @@ from matching.retrieval.scoring import StoreImages
 from matching.tasks.base import COLLAPSE_STEPS, EvaluationData, Ranking, StepResult, TrainingData
 from matching.training.distributed import gather_embedded, gather_rows, images_split_among_ranks
 
-
 HMRN_TILE = 700  # HMRN's evaluation script scores tiles of 700 query sets × 700 images (its shared_size)
 
 
