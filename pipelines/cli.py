@@ -294,7 +294,9 @@ def import_vg(regions: Path, splits_dir: Path, out: Path, max_turns: int, cleani
 @click.option("--max-boxes", default=ModelConfig().num_regions, show_default=True, type=click.IntRange(min=1),
               help="Regions per image in the shards (DrillDown: 36).")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per shard.")
-@click.option("--float32", "float32", is_flag=True, help="Keep float32 features (default float16).")
+@click.option("--float32", "float32", is_flag=True,
+              help="Keep DrillDown's float32 values, which HMRN computes from (default float16: half the disk, "
+                   "ranks may move; docs/multi-query.md, \"Float16 shards\").")
 @user_errors
 def import_drilldown(region_dir: Path, out: Path, queries: Path | None, max_boxes: int, shard_size: int,
                      float32: bool) -> None:
