@@ -15,7 +15,7 @@ left out (its class numbering is not documented, so it is not presented as our
 (``000000002345.npy`` → ``2345``), the id the Visual Genome query files use.
 
 A pickle can run code when loaded; these files are read with
-`extract.weights.restricted_load`, which admits numpy arrays and plain
+`extract.safepickle.restricted_load`, which admits numpy arrays and plain
 containers only and refuses anything else before it is called.
 
 The import is resumable (the importers' one loop, `extract.shards.import_shards`):
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from extract.config import ExtractError
+from extract.safepickle import restricted_load
 from extract.shards import RegionRecord, import_shards
-from extract.weights import restricted_load
 
 SUFFIXES = (".npy", ".pkl")
 FEATURES_KEY, BOXES_KEY = "region_feats", "region_boxes"

@@ -3,8 +3,8 @@
 The weights are py-bottom-up-attention's ``faster_rcnn_from_caffe_attr.pkl``:
 a pickle of ``{"model": {name: numpy array}, ...}`` with detectron2's
 parameter names (the Caffe model converted, background class last). A pickle
-can run code when loaded, so it is read with `RestrictedUnpickler`, which
-admits numpy arrays and plain containers and refuses everything else before
+can run code when loaded, so it is read with `extract.safepickle.RestrictedUnpickler`,
+which admits numpy arrays and plain containers and refuses everything else before
 anything is called. A ``.pth`` holding the same names (e.g. the state dict
 re-saved from detectron2) loads with ``torch.load(weights_only=True)``.
 
@@ -16,9 +16,6 @@ renaming and the conversion has not been verified against that project.
 
 from __future__ import annotations
 
-import codecs
-import importlib
-import io
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +26,7 @@ import numpy as np
 
 from extract.config import DetectorConfig, ExtractError
 from extract.safeio import atomic_write, sha256_file
+from extract.safepickle import restricted_load
 
 WEIGHTS_FILE = "faster_rcnn_from_caffe_attr.pkl"
 WEIGHTS_URL = "http://nlp.cs.unc.edu/models/faster_rcnn_from_caffe_attr.pkl"
@@ -40,64 +38,6 @@ STAGE_WIDTHS = {2: (64, 256), 3: (128, 512), 4: (256, 1024), 5: (512, 2048)}  # 
 
 class WeightsError(ExtractError):
     """The weights file is missing, unsafe or not the bottom-up-attention model; the message names the file."""
-
-
-# --------------------------------------------------------------------------- restricted unpickling
-
-
-def _numpy_attr(modules: tuple[str, ...], name: str) -> Any:
-    for module in modules:
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-    raise pickle.UnpicklingError(f"numpy has no {name}")
-
-
-def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-    """``_codecs.encode`` as protocol-2 pickles use it for bytes; only the text codecs they need."""
-    if codecs.lookup(encoding).name not in ("latin-1", "iso8859-1", "utf-8"):
-        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r} is not allowed")
-    return codecs.encode(text, encoding, errors)
-
-
-_MULTIARRAY = ("numpy._core.multiarray", "numpy.core.multiarray")
-_NUMERIC = ("numpy._core.numeric", "numpy.core.numeric")
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_attr(_MULTIARRAY, "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_attr(_MULTIARRAY, "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"): lambda: _numpy_attr(_MULTIARRAY, "scalar"),
-    ("numpy._core.multiarray", "scalar"): lambda: _numpy_attr(_MULTIARRAY, "scalar"),
-    ("numpy.core.numeric", "_frombuffer"): lambda: _numpy_attr(_NUMERIC, "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"): lambda: _numpy_attr(_NUMERIC, "_frombuffer"),
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("collections", "OrderedDict"): lambda: dict,
-    ("_codecs", "encode"): lambda: _latin1_encode,
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, numbers, strings and containers; any other global is refused.
-
-    Refusal happens in `find_class`, before a hostile file's callable could be
-    reached, so loading a tampered file runs nothing of the attacker's.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        factory = _ALLOWED.get((module, name))
-        if factory is None:
-            raise pickle.UnpicklingError(f"refused {module}.{name}")
-        return factory()
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("refused a persistent id (not a plain weights pickle)")
-
-
-def restricted_load(data: bytes | io.BufferedIOBase) -> Any:
-    """Unpickle with `RestrictedUnpickler`; latin-1 so Python 2 pickles of numpy arrays load."""
-    stream = io.BytesIO(data) if isinstance(data, bytes) else data
-    return RestrictedUnpickler(stream, encoding="latin1").load()
 
 
 # --------------------------------------------------------------------------- the expected layout

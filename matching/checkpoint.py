@@ -60,6 +60,10 @@ def load_payload(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, An
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         reason = load_failure(error)
+        if reason == "GLOBAL argparse.Namespace":  # the options SGRAF's and HMRN's train.py save with the weights
+            raise CheckpointError(f"{path}: not a tshsr-pipe checkpoint but one of SGRAF's or HMRN's train.py (it "
+                                  "holds their argparse options); convert it with `tshsr-pipe import-sgraf` or "
+                                  "`tshsr-pipe import-hmrn`") from None
         if reason.startswith("GLOBAL"):
             raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain data "
                                   f"({reason}); it was not loaded, as that could run code") from None
@@ -67,8 +71,8 @@ def load_payload(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, An
     except Exception as error:  # torch raises RuntimeError, EOFError, zipfile errors … for torn files
         raise CheckpointError(f"{path}: not a readable checkpoint ({load_failure(error)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a tshsr-pipe checkpoint (an SGRAF checkpoint? "
-                              "convert it with `tshsr-pipe import-sgraf`)")
+        raise CheckpointError(f"{path}: not a tshsr-pipe checkpoint (an SGRAF or HMRN checkpoint? "
+                              "convert it with `tshsr-pipe import-sgraf` or `tshsr-pipe import-hmrn`)")
     if int(payload.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {payload['format_version']} is newer than this "
                               f"tshsr-pipe reads ({FORMAT_VERSION}); upgrade tshsr-pipe")

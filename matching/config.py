@@ -84,6 +84,9 @@ class ModelConfig:
         return cls.variant("sgr", **{"reasoning_steps": 3, **overrides})
 
 
+# How a text's token ids are wrapped: start-end = [<start>, words…, <end>] (SGRAF's captions), end = [words…, <end>]
+# (HMRN's queries; its data loader appends only <end>).
+TEXT_WRAPS = ("start-end", "end")
 DIRECTIONS = ("i2t", "t2i")
 QUERY_READOUTS = ("last", "ends")
 ROUND_WEIGHTS = ("triangular", "rounded", "constant")
@@ -116,6 +119,7 @@ class MultiQueryConfig:
     reasoning_weight: float = 0.3  # β: weight of the reasoning; the global level gets 1 − α − β
     tau: float = 40.0  # InfoNCE temperature (logits = τ · similarity)
     round_weight: str = "triangular"  # w_r of the reasoning at round r: triangular, rounded (HMRN's code), constant
+    query_wrap: str = "end"  # a query's tokens: end = words… <end> (HMRN), start-end = <start> words… <end> (captions)
 
     @property
     def global_weight(self) -> float:
@@ -123,7 +127,8 @@ class MultiQueryConfig:
 
     def validate(self) -> MultiQueryConfig:
         """Raise ConfigError on a value no model can be built from; returns self."""
-        choices = {"direction": DIRECTIONS, "query_readout": QUERY_READOUTS, "round_weight": ROUND_WEIGHTS}
+        choices = {"direction": DIRECTIONS, "query_readout": QUERY_READOUTS, "round_weight": ROUND_WEIGHTS,
+                   "query_wrap": TEXT_WRAPS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -278,6 +283,10 @@ class Config:
         return Config.from_dict(payload)
 
 
+# import-vg's cleaning of Visual Genome's region phrases (`matching.data.queries.clean_phrase`): strict = lower-cased,
+# stripped, blank phrases dropped (ours); hmrn = lower-cased only, blanks kept as they are (HMRN's vg.py).
+PHRASE_CLEANINGS = ("strict", "hmrn")
+
 # faiss indexes of two-stage retrieval's first stage (`matching.retrieval.shortlist`): exact, inverted file, HNSW graph.
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 PRECISIONS = ("float32", "tf32", "bf16")  # the scorers' arithmetic (matching.retrieval.scoring.matmul_precision)
@@ -292,7 +301,7 @@ class EvaluationSettings:
     """How a test split is scored: read by `evaluate`, the pipeline's evaluate section and the search service."""
 
     split: str | None = "test"  # the split scored (None: every caption or query set of the file; a gallery: all)
-    protocol: str = "all"  # coco1k, coco5k, f30k, full, or all that fit (matching.retrieval.metrics.PROTOCOLS)
+    protocol: str = "all"  # coco1k, coco5k, f30k, full, all that fit, hmrn (matching.retrieval.metrics.PROTOCOLS)
     captions_per_image: int = 5  # captions of each test image ranked (the first ones)
     batch_size: int = 128  # images or captions per encoder batch
     memory_budget: float | None = None  # GiB of working memory for scoring blocks (None: half the free GPU memory,

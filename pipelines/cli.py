@@ -17,6 +17,7 @@ from matching.config import (
     FLAT_UP_TO,
     GALLERY_DTYPES,
     INDEX_KINDS,
+    PHRASE_CLEANINGS,
     PRECISIONS,
     PRESETS,
     SEARCH_SHORTLIST,
@@ -84,7 +85,9 @@ def cli() -> None:
               help="Split to evaluate; captions without a split always count.")
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default=EVALUATE.protocol, show_default=True,
               help="coco1k: mean of 5 folds of 1000 images; coco5k: all 5000; f30k: 1000 images; "
-                   "full: all images of the split; all: every protocol the split fits.")
+                   "full: all images of the split; all: every protocol the split fits (a multi-query split: "
+                   "full); hmrn: HMRN's evaluation script for multi-query models (its first 9,800 of 9,896 test "
+                   "images, rounded w_r, its rank conventions; docs/multi-query.md).")
 @click.option("--captions-per-image", default=EVALUATE.captions_per_image, show_default=True,
               type=click.IntRange(min=1), help="Captions per image used for evaluation (the first ones of each image).")
 @click.option("--vocab", "vocab_path", type=EXISTING_FILE,
@@ -114,8 +117,9 @@ def evaluate(checkpoints: tuple[Path, ...], sims_files: tuple[Path, ...], featur
 
     Matching models: R@1/5/10, medr, meanr and rsum both ways under the standard protocols
     (every pair scored, or with --shortlist only the shortlisted ones). Multi-query models:
-    R@1/5/10 and mean rank of the target image after each round, on every image of the split.
-    Long runs print the pairs scored, the rate and the ETA.
+    R@1/5/10 and mean rank of the target image after each round, on every image of the split
+    (--protocol full) or as HMRN's evaluation script computes them (--protocol hmrn); the table
+    says which. Long runs print the pairs scored, the rate and the ETA.
     """
     from extract.runtime import Launch
     from matching.retrieval.evaluate import evaluate_checkpoint, write_metrics, write_sims
@@ -163,8 +167,32 @@ def import_sgraf(sgraf_checkpoint: Path, vocab_path: Path, out: Path) -> None:
                f"vocabulary {m.vocab_size} words, {m.num_regions} regions")
 
 
+@cli.command("import-hmrn")
+@click.argument("hmrn_checkpoint", type=EXISTING_FILE)
+@click.option("--vocab", "vocab_path", type=EXISTING_FILE, required=True,
+              help="The vocabulary the model was trained with: DrillDown's vg_vocab_14284.pkl (read with a "
+                   "restricted unpickler) or the vocab.json `tshsr-pipe vocab --from-drilldown` made of it.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the tshsr-pipe checkpoint (task multi-query).")
+@user_errors
+def import_hmrn(hmrn_checkpoint: Path, vocab_path: Path, out: Path) -> None:
+    """Convert a checkpoint of HMRN's own train.py (HMRN_CHECKPOINT: model_best.pth.tar, I-T or T-I) into a
+    tshsr-pipe checkpoint to evaluate, search or serve.
+
+    The file is read with a restricted unpickler: only tensors, plain data and
+    argparse.Namespace are admitted, so a tampered file cannot run code.
+    """
+    from matching.importers.hmrn import import_hmrn as convert
+
+    path, config = convert(hmrn_checkpoint, vocab_path, out)
+    m = config.model
+    click.echo(f"wrote {path}: HMRN {m.direction}, d={m.embed_size}, m={m.sim_dim}, λ_i2t={m.lambda_i2t:g}, "
+               f"λ_t2i={m.lambda_t2i:g}, α={m.local_weight:g}, β={m.reasoning_weight:g}, τ={m.tau:g}, "
+               f"vocabulary {m.vocab_size} words, {m.num_regions} regions")
+
+
 @cli.command()
-@click.argument("captions", type=EXISTING_FILE)
+@click.argument("captions", type=EXISTING_FILE, required=False)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write vocab.json (SGRAF's layout).")
 @click.option("--threshold", default=4, show_default=True, type=click.IntRange(min=1),
@@ -172,10 +200,25 @@ def import_sgraf(sgraf_checkpoint: Path, vocab_path: Path, out: Path) -> None:
 @click.option("--split", "splits", multiple=True,
               help="Splits whose texts are counted (repeat the option for several) [default: train and val "
                    "for captions, train for multi-query JSONL].")
+@click.option("--from-drilldown", "drilldown", type=EXISTING_FILE,
+              help="Convert DrillDown's pickled vocabulary (data/caches/vg_vocab_14284.pkl, HMRN's) instead of "
+                   "counting words: its word indices are kept; read with a restricted unpickler.")
 @user_errors
-def vocab(captions: Path, out: Path, threshold: int, splits: tuple[str, ...]) -> None:
+def vocab(captions: Path | None, out: Path, threshold: int, splits: tuple[str, ...], drilldown: Path | None) -> None:
     """Build the vocabulary from the train (and val) captions of CAPTIONS, or from the training
-    queries of a multi-query JSONL file."""
+    queries of a multi-query JSONL file; or convert DrillDown's with --from-drilldown."""
+    if drilldown is not None:
+        given_threshold = click.get_current_context().get_parameter_source("threshold").name != "DEFAULT"
+        if captions is not None or splits or given_threshold:
+            raise UserError("--from-drilldown converts DrillDown's vocabulary as it is: give no CAPTIONS, "
+                            "--split or --threshold with it")
+        from matching.importers.drilldown import import_drilldown_vocab
+
+        built = import_drilldown_vocab(drilldown, out)
+        click.echo(f"{len(built)} words (DrillDown's {drilldown.name}, its word indices kept) written to {out}")
+        return
+    if captions is None:
+        raise UserError("give CAPTIONS (a caption or multi-query file) or --from-drilldown VOCAB.pkl")
     from matching.data.vocabulary import build_vocabulary
 
     built, counted = build_vocabulary(captions, out, splits=splits or None, threshold=threshold)
@@ -224,17 +267,21 @@ def import_precomp(data_dir: Path, out: Path, splits: tuple[str, ...], captions_
               help="The multi-query JSONL file to write (image_id, split, queries).")
 @click.option("--max-turns", default=MultiQueryConfig().max_turns, show_default=True, type=click.IntRange(min=1),
               help="Images with fewer distinct region phrases are dropped (HMRN: 10).")
+@click.option("--cleaning", type=click.Choice(PHRASE_CLEANINGS), default=PHRASE_CLEANINGS[0], show_default=True,
+              help="strict: phrases lower-cased and stripped, blank ones dropped; hmrn: lower-cased only, blanks "
+                   "kept, as HMRN's data loader does (to reproduce its table).")
 @user_errors
-def import_vg(regions: Path, splits_dir: Path, out: Path, max_turns: int) -> None:
+def import_vg(regions: Path, splits_dir: Path, out: Path, max_turns: int, cleaning: str) -> None:
     """Visual Genome region descriptions → multi-query JSONL, with DrillDown's split (HMRN's data).
 
     REGIONS is DrillDown's rg_jsons/ directory (one region-graph JSON per image) or Visual
-    Genome's region_descriptions.json. Phrases are lower-cased, exact duplicates dropped,
-    and images with fewer than --max-turns phrases left out; the counts are printed.
+    Genome's region_descriptions.json. Phrases are cleaned (--cleaning), exact duplicates
+    dropped, and images with fewer than --max-turns phrases left out; the counts are printed,
+    with what the other cleaning would have kept, dropped and changed.
     """
     from matching.data.queries import import_vg_queries
 
-    counts = import_vg_queries(regions, splits_dir, out, max_turns=max_turns)
+    counts = import_vg_queries(regions, splits_dir, out, max_turns=max_turns, cleaning=cleaning)
     click.echo(counts.summary())
     click.echo(f"query sets written to {out}")
 
@@ -247,7 +294,9 @@ def import_vg(regions: Path, splits_dir: Path, out: Path, max_turns: int) -> Non
 @click.option("--max-boxes", default=ModelConfig().num_regions, show_default=True, type=click.IntRange(min=1),
               help="Regions per image in the shards (DrillDown: 36).")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per shard.")
-@click.option("--float32", "float32", is_flag=True, help="Keep float32 features (default float16).")
+@click.option("--float32", "float32", is_flag=True,
+              help="Keep DrillDown's float32 values, which HMRN computes from (default float16: half the disk, "
+                   "ranks may move; docs/multi-query.md, \"Float16 shards\").")
 @user_errors
 def import_drilldown(region_dir: Path, out: Path, queries: Path | None, max_boxes: int, shard_size: int,
                      float32: bool) -> None:

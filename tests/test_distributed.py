@@ -137,7 +137,8 @@ def test_two_processes_train_hmrn_like_one_with_the_global_batch(tmp_path):
         network.load_state_dict({k: one["model"][k] if k.endswith(free) else v for k, v in payload["model"].items()})
         models.append(network.eval())
     vocab = Vocabulary(one["vocab"])
-    test = [[vocab.encode(q) for q in s.queries] for s in read_query_sets(queries, "test")]
+    wrap = Config.from_dict(one["config"]).model.query_wrap  # the queries as the models read them
+    test = [[vocab.encode(q, wrap) for q in s.queries] for s in read_query_sets(queries, "test")]
     from extract.shards import FeatureStore
     from matching.retrieval.scoring import StoreImages
 

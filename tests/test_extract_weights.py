@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from extract.config import DetectorConfig
+from extract.safepickle import restricted_load
 from extract.weights import (
     WEIGHTS_URL,
     WeightsError,
     check_state,
     expected_shapes,
     load_weights,
-    restricted_load,
 )
 from tests.extract_fixtures import published_weights  # noqa: F401 - fixture
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("extract", "matching", "pipelines")
-LEAVES = {"extract.safeio", "extract.runtime"}
+LEAVES = {"extract.safeio", "extract.runtime", "extract.safepickle"}
 
 
 def module_name(path: Path) -> str:

@@ -52,7 +52,7 @@ def test_query_sets_round_trip_and_split_filter(tmp_path):
     ('["1", ["a"]]', "needs 'image_id' and 'queries'"),
     ('{"image_id": "1", "queries": []}', "non-empty list"),
     ('{"image_id": "1", "queries": "a red car"}', "non-empty list"),
-    ('{"image_id": "1", "queries": ["a", "  "]}', "query 1 is empty"),
+    ('{"image_id": "1", "queries": ["a", 3]}', "query 1 is not a text"),
     ('{"image_id": "", "queries": ["a"]}', "empty image_id"),
     ('{"image_id": "0", "queries": ["b"]}', "already has a line"),
 ])
@@ -60,6 +60,14 @@ def test_malformed_query_files_are_named_with_their_line(tmp_path, line, message
     path = write_lines(tmp_path / "q.jsonl", ['{"image_id": "0", "split": "train", "queries": ["a cat"]}', "", line])
     with pytest.raises(QueryFormatError, match=f"q.jsonl:3: .*{message}"):
         read_query_sets(path)
+
+
+def test_queries_are_read_as_written_blank_ones_included(tmp_path):
+    """HMRN's phrase cleaning keeps Visual Genome's blank and space-padded phrases; the file keeps them as they are."""
+    path = write_lines(tmp_path / "q.jsonl", ['{"image_id": "0", "queries": ["a cat ", "   ", ""]}'])
+    assert read_query_sets(path)[0].queries == ("a cat ", "   ", "")
+    vocab = Vocabulary.build(["a cat"], threshold=1)
+    assert [vocab.encode(q, "end") for q in read_query_sets(path)[0].queries] == [[4, 5, 2], [2], [2]]
 
 
 def test_non_utf8_and_empty_files(tmp_path):
@@ -131,7 +139,10 @@ def test_vg_import_keeps_distinct_lowercased_phrases_in_region_order_and_counts_
     assert counts.missing == {"train": 0, "val": 0, "test": 1} and counts.missing_examples == ["4"]
     assert (counts.duplicate_phrases, counts.empty_phrases) == (3, 1)
     assert "test: 0 images kept, 1 with fewer than 10 distinct phrases" in counts.summary()
-    assert "3 exact duplicates" in counts.summary()
+    assert "3 exact duplicates and 1 blank phrases dropped" in counts.summary()
+    # HMRN's cleaning would keep "A Man " beside "a man" and the blank phrase: image 1's first ten differ.
+    assert (counts.other_keeps, counts.other_drops, counts.other_changes) == (0, 0, 1)
+    assert "HMRN's cleaning (--cleaning hmrn" in counts.summary() and "of 1 images both keep" in counts.summary()
     # With fewer rounds, image 2 (9 phrases) and 5 (9 distinct) are kept.
     counts = import_vg_queries(rg, splits, tmp_path / "q9.jsonl", max_turns=9)
     assert counts.images == {"train": 2, "val": 1, "test": 1}

@@ -49,3 +49,25 @@ def test_explicit_targets_and_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         round_ranks(np.full((1, 2, 2), np.nan))
     assert round_chance(100) == {"r1": 1.0, "r5": 5.0, "r10": 10.0, "meanr": 50.5}
+
+
+def script_rank(row: np.ndarray, index: int) -> int:
+    """HMRN's evaluation script (eval_test), one query set: its image's position in argsort, reversed."""
+    return int(np.where(np.argsort(row)[::-1] == index)[0][0])
+
+
+def test_hmrns_tie_rule_is_its_scripts_argsort_position():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(2, 300, 300)).astype(np.float32)  # many ties, more than one chunk of rows
+    scores[0, 5] = 0.0  # a collapsed row
+    expected = [[script_rank(scores[r, q].astype(np.float64), q) for q in range(300)] for r in range(2)]
+    assert round_ranks(scores, ties="argsort").tolist() == expected
+    assert (round_ranks(scores, ties="argsort") <= round_ranks(scores)).all()  # ours counts every tie against
+    untied = rng.normal(size=(1, 50, 50)).astype(np.float32)
+    assert (round_ranks(untied, ties="argsort") == round_ranks(untied)).all()
+    metrics = round_metrics(scores, ties="argsort")["rounds"][1]
+    ranks = np.array(expected[1])
+    assert metrics["meanr"] == pytest.approx(ranks.mean() + 1) and metrics["r5"] == pytest.approx(
+        100.0 * len(np.where(ranks < 5)[0]) / len(ranks))
+    with pytest.raises(ValueError, match="unknown tie rule"):
+        round_ranks(untied, ties="random")

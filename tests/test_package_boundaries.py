@@ -1,5 +1,5 @@
 """docs/architecture.md: `import matching` needs only torch, numpy, h5py and nltk; from extract only extract.shards
-and the standard-library leaves below every package (extract.safeio, extract.runtime)."""
+and the standard-library leaves below every package (extract.safeio, extract.runtime, extract.safepickle)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ PROBE = textwrap.dedent("""
         importlib.import_module(info.name)
     leaked = sorted(m for m in sys.modules
                     if m.startswith(("pipelines", "extract."))
-                    and m not in {"extract.shards", "extract.safeio", "extract.runtime"})
+                    and m not in {"extract.shards", "extract.safeio", "extract.runtime", "extract.safepickle"})
     print("LEAKED", leaked)
 """)
 

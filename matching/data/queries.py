@@ -11,9 +11,13 @@ the rounds at evaluation time.
 - `read_query_sets` / `write_query_sets`: the format, with ``file:line`` errors.
 - `import_vg_queries`: DrillDown's Visual Genome layout (HMRN's data) into the
   format: the region-graph JSON of every image listed in ``vg_{train,val,test}.txt``,
-  phrases lower-cased and stripped, exact duplicates dropped, images with fewer
-  than `max_turns` queries dropped, with counts of everything dropped.
-- `build_query_vocab`: the vocabulary of the training queries (same tokenizer as captions).
+  phrases cleaned (`clean_phrase`: HMRN lower-cases only; our default, ``strict``, also
+  strips whitespace and drops blank phrases), exact duplicates dropped, images with fewer
+  than `max_turns` queries dropped, with counts of everything dropped and of what the
+  other cleaning would have changed.
+- `build_query_vocab`: a vocabulary of the training queries (same tokenizer as captions);
+  HMRN itself reads DrillDown's vocabulary of every Visual Genome phrase
+  (`matching.importers.drilldown`).
 - `MultiQueryDataset` + `QuerySetBatchSampler` + `collate_query_sets`: training
   draws `max_turns` of an image's queries in a fresh random order each epoch,
   fixed by (seed, epoch, image) so a resumed or multi-worker run draws the
@@ -34,6 +38,7 @@ from torch.utils.data import Dataset, Sampler
 
 from extract.safeio import atomic_write
 from extract.shards import FeatureStore
+from matching.config import PHRASE_CLEANINGS
 from matching.data.captions import (
     CaptionFormatError,
     missing_split,
@@ -88,13 +93,13 @@ def read_query_sets(path: str | os.PathLike, split: str | Sequence[str] | None =
         queries = record["queries"]
         if not isinstance(queries, list) or not queries:
             raise QueryFormatError(f"{where}: 'queries' must be a non-empty list of texts")
-        for k, query in enumerate(queries):
-            if not isinstance(query, str) or not query.strip():
-                raise QueryFormatError(f"{where}: query {k} is empty or not a text")
+        for k, query in enumerate(queries):  # a blank query is kept: HMRN's phrases include a few
+            if not isinstance(query, str):
+                raise QueryFormatError(f"{where}: query {k} is not a text")
         if image_id in seen:
             raise QueryFormatError(f"{where}: image {image_id!r} already has a line ({path}:{seen[image_id]})")
         seen[image_id] = number
-        sets.append(QuerySet(image_id, tuple(q.strip() for q in queries), split_name(record.get("split")), where))
+        sets.append(QuerySet(image_id, tuple(queries), split_name(record.get("split")), where))
     if not sets:
         raise QueryFormatError(f"{path}: no query sets")
     if split is None:
@@ -144,22 +149,38 @@ def build_query_vocab(sets: Iterable[QuerySet], threshold: int = 4, splits: Sequ
 
 @dataclass
 class ImportCounts:
-    """What `import_vg_queries` kept and dropped, for the CLI to print."""
+    """What `import_vg_queries` kept and dropped, and what the other phrase cleaning would have changed."""
 
     max_turns: int  # the queries an image needs to be kept
+    cleaning: str = "strict"  # the phrase cleaning used (PHRASE_CLEANINGS)
     images: dict[str, int] = field(default_factory=dict)  # split → images written
     too_few_queries: dict[str, int] = field(default_factory=dict)  # split → images dropped (< max_turns)
     missing: dict[str, int] = field(default_factory=dict)  # split → listed images without region annotations
     duplicate_phrases: int = 0  # phrases dropped as exact duplicates of an earlier one of the same image
-    empty_phrases: int = 0  # phrases dropped as empty after stripping
+    empty_phrases: int = 0  # phrases dropped as blank (strict cleaning)
+    blank_queries: int = 0  # blank queries written (HMRN's cleaning keeps blank phrases; one reads as <end> alone)
     missing_examples: list[str] = field(default_factory=list)  # the first few missing image ids
+    # The other cleaning, on the same annotations: images only it keeps, images only this one keeps, and
+    # images both keep whose first `max_turns` queries (those evaluated) differ in more than whitespace.
+    other_keeps: int = 0
+    other_drops: int = 0
+    other_changes: int = 0
 
     def summary(self) -> str:
-        """One line per split and one for the phrases, for the console."""
+        """One line per split, one for the phrases and one for the other cleaning, for the console."""
         lines = [f"{split}: {self.images.get(split, 0)} images kept, {self.too_few_queries.get(split, 0)} with "
                  f"fewer than {self.max_turns} distinct phrases dropped, {self.missing.get(split, 0)} listed "
                  "without region annotations" for split in self.images]
-        lines.append(f"phrases dropped: {self.duplicate_phrases} exact duplicates, {self.empty_phrases} empty")
+        if self.cleaning == "hmrn":
+            lines.append(f"phrases lower-cased only (HMRN's cleaning): {self.duplicate_phrases} exact duplicates "
+                         f"dropped, {self.blank_queries} blank phrases kept as queries")
+            other = "the strict cleaning (--cleaning strict: stripped, blank phrases dropped)"
+        else:
+            lines.append(f"phrases lower-cased and stripped: {self.duplicate_phrases} exact duplicates and "
+                         f"{self.empty_phrases} blank phrases dropped")
+            other = "HMRN's cleaning (--cleaning hmrn: lower-cased only, blanks kept)"
+        lines.append(f"{other} would keep {self.other_keeps} images dropped here, drop {self.other_drops} kept here, "
+                     f"and change the first {self.max_turns} queries of {self.other_changes} images both keep")
         if self.missing_examples:
             lines.append(f"images listed but not annotated, e.g.: {', '.join(self.missing_examples)}")
         return "\n".join(lines)
@@ -179,16 +200,28 @@ def read_split_list(path: Path) -> list[str]:
     return ids
 
 
-def image_phrases(regions: object, source: str) -> tuple[list[str], int, int]:
-    """One image's queries from its ``regions`` list: (phrases, duplicates dropped, empty dropped).
+def clean_phrase(phrase: str, cleaning: str = "strict") -> str | None:
+    """A region phrase as a query: lower-cased (HMRN's vg.py does only this, ``hmrn``), and for ``strict`` also
+    stripped, None (dropped) when blank."""
+    lowered = phrase.lower()
+    if cleaning == "hmrn":
+        return lowered
+    if cleaning != "strict":
+        raise ValueError(f"unknown phrase cleaning {cleaning!r}; choose one of {', '.join(PHRASE_CLEANINGS)}")
+    return lowered.strip() or None
 
-    HMRN's order: duplicates (after lower-casing and stripping) are dropped keeping
-    the first in file order, then the phrases are ordered by ``region_id``.
+
+def image_phrases(regions: object, source: str, cleaning: str = "strict") -> tuple[list[str], int, int]:
+    """One image's queries from its ``regions`` list: (phrases, duplicates dropped, blank phrases).
+
+    HMRN's order: duplicates (the same phrase after `clean_phrase`) are dropped keeping the
+    first in file order, then the phrases are ordered by ``region_id``. Blank phrases are
+    dropped by the strict cleaning and kept (once, as duplicates are) by HMRN's.
     """
     if not isinstance(regions, list):
         raise QueryFormatError(f"{source}: 'regions' must be a list")
     kept: dict[str, int] = {}  # phrase → region_id
-    duplicates = empty = 0
+    duplicates = blank = 0
     for index, region in enumerate(regions):
         if not isinstance(region, dict) or not isinstance(region.get("phrase"), str):
             raise QueryFormatError(f"{source}: regions[{index}] has no text 'phrase'")
@@ -196,14 +229,20 @@ def image_phrases(regions: object, source: str) -> tuple[list[str], int, int]:
             region_id = int(region["region_id"])
         except (KeyError, TypeError, ValueError):
             raise QueryFormatError(f"{source}: regions[{index}] has no integer 'region_id'") from None
-        phrase = region["phrase"].lower().strip()
-        if not phrase:
-            empty += 1
-        elif phrase in kept:
+        phrase = clean_phrase(region["phrase"], cleaning)
+        if phrase is None or not phrase.strip():
+            blank += 1
+        if phrase is None:
+            continue
+        if phrase in kept:
             duplicates += 1
         else:
             kept[phrase] = region_id
-    return sorted(kept, key=kept.__getitem__), duplicates, empty
+    return sorted(kept, key=kept.__getitem__), duplicates, blank
+
+
+def _words(phrases: Sequence[str]) -> list[str]:
+    return [" ".join(phrase.split()) for phrase in phrases]
 
 
 def _load_json(path: Path) -> object:
@@ -234,7 +273,7 @@ def _regions_from_file(path: Path) -> dict[str, object]:
 
 
 def import_vg_queries(regions: str | os.PathLike, splits_dir: str | os.PathLike, out: str | os.PathLike, *,
-                      max_turns: int = 10, splits: Sequence[str] = VG_SPLITS) -> ImportCounts:
+                      max_turns: int = 10, splits: Sequence[str] = VG_SPLITS, cleaning: str = "strict") -> ImportCounts:
     """DrillDown's Visual Genome annotations → a multi-query JSONL file (HMRN's data preparation).
 
     Args:
@@ -245,12 +284,18 @@ def import_vg_queries(regions: str | os.PathLike, splits_dir: str | os.PathLike,
             ``vg_val.txt``, ``vg_test.txt``.
         out: the JSONL file to write (atomically); images in split order, then list order.
         max_turns: images with fewer distinct phrases are dropped (HMRN: 10).
+        cleaning: ``strict`` (lower-cased, stripped, blank phrases dropped) or ``hmrn``
+            (lower-cased only, HMRN's): `clean_phrase`.
 
-    Returns the counts of what was kept and dropped.
+    Returns the counts of what was kept and dropped, and of what the other cleaning would
+    have kept, dropped and changed (docs/multi-query.md, "Reproducing HMRN's table").
     """
     regions, splits_dir = Path(regions), Path(splits_dir)
     if max_turns < 1:
         raise ValueError(f"max_turns must be at least 1, not {max_turns}")
+    if cleaning not in PHRASE_CLEANINGS:
+        raise ValueError(f"unknown phrase cleaning {cleaning!r}; choose one of {', '.join(PHRASE_CLEANINGS)}")
+    other = next(c for c in PHRASE_CLEANINGS if c != cleaning)
     table = _regions_from_file(regions) if regions.is_file() else None
     if table is None and not regions.is_dir():
         raise QueryFormatError(f"{regions}: no such directory of region-graph JSON files (rg_jsons) or file")
@@ -264,7 +309,7 @@ def import_vg_queries(regions: str | os.PathLike, splits_dir: str | os.PathLike,
                 raise QueryFormatError(f"{path}: image {image_id} is also listed in "
                                        f"{splits_dir / SPLIT_FILE.format(owner[image_id])}")
             owner[image_id] = split
-    counts = ImportCounts(max_turns)
+    counts = ImportCounts(max_turns, cleaning)
     sets: list[QuerySet] = []
     for split, image_ids in lists.items():
         kept = short = missing = 0
@@ -286,12 +331,20 @@ def import_vg_queries(regions: str | os.PathLike, splits_dir: str | os.PathLike,
                 if len(counts.missing_examples) < 5:
                     counts.missing_examples.append(image_id)
                 continue
-            phrases, duplicates, empty = image_phrases(image_regions, source)
+            phrases, duplicates, blank = image_phrases(image_regions, source, cleaning)
             counts.duplicate_phrases += duplicates
-            counts.empty_phrases += empty
+            if cleaning == "strict":
+                counts.empty_phrases += blank
+            alternative = image_phrases(image_regions, source, other)[0]
             if len(phrases) < max_turns:
+                counts.other_keeps += len(alternative) >= max_turns
                 short += 1
                 continue
+            if len(alternative) < max_turns:
+                counts.other_drops += 1
+            elif _words(alternative[:max_turns]) != _words(phrases[:max_turns]):
+                counts.other_changes += 1  # whitespace alone changes no token, so it is not counted
+            counts.blank_queries += sum(1 for phrase in phrases if not phrase.strip())
             sets.append(QuerySet(image_id, tuple(phrases), split, source))
             kept += 1
         counts.images[split], counts.too_few_queries[split], counts.missing[split] = kept, short, missing
@@ -309,7 +362,7 @@ class QuerySetData:
     """Query sets tied to feature ids and token ids: set i describes image_ids[i]."""
 
     image_ids: list[str]  # feature ids, one per set
-    queries: list[list[list[int]]]  # per set, per query: token ids with <start>/<end>
+    queries: list[list[list[int]]]  # per set, per query: token ids, wrapped as the model reads them
     texts: list[tuple[str, ...]]  # the raw queries, for logs and search pages
 
     def __len__(self) -> int:
@@ -317,14 +370,15 @@ class QuerySetData:
 
 
 def build_query_data(sets: Sequence[QuerySet], available: Sequence[str], vocab: Vocabulary,
-                     max_turns: int) -> QuerySetData:
-    """Resolve each set's image against the feature ids and tokenise its queries.
+                     max_turns: int, wrap: str = "start-end") -> QuerySetData:
+    """Resolve each set's image against the feature ids and tokenise its queries (wrapped by `wrap`,
+    `matching.config.TEXT_WRAPS`: the model's `query_wrap`).
 
     Raises QueryFormatError naming the line of a set whose image has no features or
     that has fewer than `max_turns` queries.
     """
     image_ids = set_images(sets, available, max_turns)
-    return QuerySetData(image_ids, [[vocab.encode(q) for q in item.queries] for item in sets],
+    return QuerySetData(image_ids, [[vocab.encode(q, wrap) for q in item.queries] for item in sets],
                         [item.queries for item in sets])
 
 

@@ -3,7 +3,8 @@
 Captions are lower-cased and split by nltk's `NLTKWordTokenizer`, the
 tokenizer that `nltk.word_tokenize(text, preserve_line=True)` runs; unlike
 plain `word_tokenize` it needs no punkt data, so nothing is downloaded.
-Each caption is wrapped in <start> … <end>, which count toward its length.
+A caption is wrapped in <start> … <end>, which count toward its length; a multi-query model
+can read its queries as HMRN does, words followed by <end> only (`matching.config.TEXT_WRAPS`).
 
 Most captions are plain: lower-case letters, digits and spaces, a final period, commas between
 words. For those, NLTK's thirty-odd rules reduce to setting the period and the commas apart, so
@@ -23,6 +24,7 @@ from pathlib import Path
 from nltk.tokenize import NLTKWordTokenizer
 
 from extract.safeio import write_text
+from matching.config import TEXT_WRAPS
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -66,9 +68,13 @@ class Vocabulary:
     def __call__(self, word: str) -> int:
         return self.word2idx.get(word, 3)
 
-    def encode(self, caption: str) -> list[int]:
-        """Token ids of a caption: [<start>, words…, <end>]; unknown words map to <unk>."""
-        return [1, *(self(token) for token in tokenize(caption)), 2]
+    def encode(self, caption: str, wrap: str = "start-end") -> list[int]:
+        """Token ids of a text: [<start>, words…, <end>] (`wrap` start-end, captions) or [words…, <end>] (end,
+        HMRN's queries); unknown words map to <unk>."""
+        if wrap not in TEXT_WRAPS:
+            raise ValueError(f"unknown wrap {wrap!r}; choose one of {', '.join(TEXT_WRAPS)}")
+        words = [self(token) for token in tokenize(caption)]
+        return [*words, 2] if wrap == "end" else [1, *words, 2]
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         return [self.words[i] if 0 <= i < len(self.words) else UNK for i in ids]

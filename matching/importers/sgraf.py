@@ -3,16 +3,15 @@
 SGRAF saves ``{"model": [img_enc, txt_enc, sim_enc state dicts], "opt":
 argparse.Namespace, "epoch", "best_rsum", "Eiters"}`` with plain ``torch.save``.
 The Namespace makes it a general pickle, so it is read with torch's
-weights-only unpickler admitting exactly one extra class, `argparse.Namespace`:
-a file whose pickle names anything else (``os.system`` …) is refused before
-anything in it runs.
+weights-only unpickler admitting exactly one extra class, `argparse.Namespace`
+(`matching.importers.published`, shared with HMRN's importer): a file whose
+pickle names anything else (``os.system`` …) is refused before anything in it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from matching import checkpoint
 from matching.checkpoint import CheckpointError
 from matching.config import Config, ModelConfig
 from matching.data.text import Vocabulary
+from matching.importers.published import load_into, read_published, rename_keys
 from matching.model.tshsr import build_model
 
 # SGRAF name (regex on the key inside its state dict) → our name; \1 carries indices.
@@ -43,30 +43,11 @@ _KEY_MAP = {
         (r"SGR_module\.(\d+)\.graph_key_w\.(weight|bias)", r"head.reasoning.\1.key.\2"),
         (r"SGR_module\.(\d+)\.sim_graph_w\.(weight|bias)", r"head.reasoning.\1.update.\2")],
 }
-_PARTS = ("img_enc", "txt_enc", "sim_enc")
 
 
 def read_sgraf(path: str | os.PathLike) -> dict[str, Any]:
     """Read an SGRAF checkpoint with the restricted unpickler; CheckpointError if refused or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such SGRAF checkpoint")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refused: its pickle names objects an SGRAF checkpoint does not "
-                              f"hold, so it was not loaded ({checkpoint.load_failure(error)})") from None
-    except Exception as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({checkpoint.load_failure(error)})") from None
-    if not isinstance(payload, dict) or "model" not in payload or "opt" not in payload:
-        raise CheckpointError(f"{path}: not an SGRAF checkpoint (expected keys 'model' and 'opt')")
-    model = payload["model"]
-    if not isinstance(model, (list, tuple)) or len(model) != 3 or not all(isinstance(p, dict) for p in model):
-        raise CheckpointError(f"{path}: 'model' should be [img_enc, txt_enc, sim_enc] state dicts")
-    if not isinstance(payload["opt"], argparse.Namespace):
-        raise CheckpointError(f"{path}: 'opt' is a {type(payload['opt']).__name__}, not SGRAF's Namespace")
-    return payload
+    return read_published(path, "SGRAF")
 
 
 def sgraf_config(opt: argparse.Namespace, parts: list[dict[str, torch.Tensor]], source: str) -> ModelConfig:
@@ -94,19 +75,12 @@ def sgraf_config(opt: argparse.Namespace, parts: list[dict[str, torch.Tensor]], 
 
 def convert_state(parts: list[dict[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:
     """SGRAF's three state dicts → our state dict; every key must map."""
-    state: dict[str, torch.Tensor] = {}
-    unknown = []
-    for number, part in enumerate(parts):
-        for key, value in part.items():
-            for pattern, replacement in _KEY_MAP[number]:
-                if re.fullmatch(pattern, key):
-                    state[re.sub(pattern, replacement, key)] = value
-                    break
-            else:
-                unknown.append(f"{_PARTS[number]}.{key}")
+    state, unknown = rename_keys(parts, _KEY_MAP)
     if unknown:
+        hint = " (an HMRN checkpoint? convert it with `tshsr-pipe import-hmrn`)" if any(
+            ".ICR_module." in key for key in unknown) else ""
         raise CheckpointError(f"{source}: keys not in SGRAF's SGR model: {', '.join(unknown[:8])}"
-                              + (" …" if len(unknown) > 8 else ""))
+                              + (" …" if len(unknown) > 8 else "") + hint)
     return state
 
 
@@ -131,16 +105,7 @@ def import_sgraf(path: str | os.PathLike, vocab_path: str | os.PathLike,
     # own, and has no first-stage head: it has no trained shortlist (evaluate and search score every pair).
     config.train.global_loss_weight = 0.0
     model = build_model(model_config)
-    state = convert_state(parts, source)
-    # Checkpoints from torch < 0.4.1 have no BatchNorm step counters; they are unused in eval.
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"{source}: weights do not fit SGRAF's SGR layout "
-                              f"({checkpoint._first_line(error)})") from None
+    load_into(model, convert_state(parts, source), source, "SGRAF's SGR layout")
     extra = {"imported_from": {"kind": "sgraf", "file": os.path.basename(source),
                                "epoch": int(payload.get("epoch", 0) or 0),
                                "best_rsum": float(payload.get("best_rsum", 0.0) or 0.0)}}

@@ -36,17 +36,22 @@ Where the paper and HMRN's code are silent or disagree (each other option is a c
 
 - The i2t local similarity of HMRN's code comes out as (query sets × images) while the
   global and reasoning ones are (images × query sets); its evaluation adds them
-  without a transpose. The loss is symmetric, so training is unaffected; we keep one
-  orientation everywhere, so evaluation scores what the paper describes.
+  without a transpose, tile by tile (700 × 700). The loss is symmetric, so training is
+  unaffected; we keep one orientation everywhere, so evaluation scores what the paper
+  describes. `score_rounds(..., script_tiles=700)` adds it as the script does, for
+  ``evaluate --protocol hmrn`` (docs/multi-query.md, "Reproducing HMRN's table").
 - w_r: HMRN's code rounds (1+…+r)/55 to two decimals; `round_weight: triangular` is the
-  exact fraction (default), `rounded` the code's, `constant` w_r = 1 (its validation).
+  exact fraction (default), `rounded` the code's, `constant` w_r = 1 (its validation);
+  ``--protocol hmrn`` scores with `rounded` whatever the config says.
 - The reasoning's attention uses the t2i temperature (15) in both directions' models, as
   HMRN's code does (`lambda_reasoning`).
 - The query vector is read at the last token in both directions as HMRN does, so its
   backward half has seen only the <end> token; `query_readout: ends` reads the forward
   direction at the last token and the backward one at the first instead.
 - Round weights beyond T (a search with more queries than the model's `max_turns`) stay 1.
-- Queries are wrapped in <start> … <end> like captions (HMRN appends only <end>).
+- A query's tokens are its words and <end>, as HMRN's data loader makes them
+  (`query_wrap: end`); `start-end` wraps them in <start> … <end> as captions are
+  (what checkpoints saved before the field existed were trained with).
 """
 
 from __future__ import annotations
@@ -263,18 +268,27 @@ class HMRN(nn.Module):
         reasoning = self.reasoning(cosines, images, queries.local, queries.mask, queries.glob)  # (Bi, Bq)
         return MultiQuerySimilarities(local, glob, reasoning)
 
-    def round_scores(self, images: Embedded, queries: Embedded, query_globs: Tensor) -> Tensor:
+    def round_scores(self, images: Embedded, queries: Embedded, query_globs: Tensor,
+                     round_weight: str | None = None) -> Tensor:
         """Fused scores of every image against every query set for rounds 1…R: (R, Bi, Bq).
 
         query_globs (R, Bq, d) from `query_globals`; a set with n < r queries scores at
-        round r as at round n (its round weight included).
+        round r as at round n (its round weight included). `round_weight` replaces the
+        model's kind of w_r (HMRN's evaluation protocol: ``rounded``).
         """
+        local, rest = self.round_parts(images, queries, query_globs, round_weight)
+        return local + rest
+
+    def round_parts(self, images: Embedded, queries: Embedded, query_globs: Tensor,
+                    round_weight: str | None = None) -> tuple[Tensor, Tensor]:
+        """`round_scores` in two parts, (α · local_r, β · w_r · reasoning_r + (1 − α − β) · global_r), each
+        (R, Bi, Bq): HMRN's evaluation script adds an i2t model's local part transposed (`score_rounds`)."""
         rounds = query_globs.shape[0]
         cosines = clipped_cosines(images.local, queries.local)  # (Bi, Bq, K, T)
         local = self.local_similarity(cosines, images, queries.mask, rounds)  # (Bi, Bq, R)
-        table = round_weights(rounds, self.max_turns, self.round_weight).to(local.device)  # (R,)
+        table = round_weights(rounds, self.max_turns, round_weight or self.round_weight).to(local.device)  # (R,)
         counts = queries.mask.sum(dim=1)  # (Bq,)
-        out = []
+        rest = []
         for r in range(1, rounds + 1):
             width = min(r, queries.local.shape[1])
             mask = queries.mask[:, :width]  # (Bq, r) the first r queries
@@ -282,9 +296,15 @@ class HMRN(nn.Module):
                                        query_globs[r - 1])  # (Bi, Bq)
             glob = images.glob @ query_globs[r - 1].t()  # (Bi, Bq)
             weight = table[counts.clamp(max=r) - 1]  # (Bq,) w_min(r, n) for a set of n queries
-            out.append(self.local_weight * local[..., r - 1] + self.reasoning_weight * weight * reasoning
-                       + (1.0 - self.local_weight - self.reasoning_weight) * glob)
-        return torch.stack(out)  # (R, Bi, Bq)
+            rest.append(self.reasoning_weight * weight * reasoning
+                        + (1.0 - self.local_weight - self.reasoning_weight) * glob)
+        return self.local_weight * local.permute(2, 0, 1), torch.stack(rest)  # (R, Bi, Bq) each
+
+    @property
+    def script_transposes_local(self) -> bool:
+        """Whether HMRN's evaluation script adds this model's local matrix transposed: its i2t local similarity
+        comes out as (query sets × images), the other levels as (images × query sets)."""
+        return self.direction == "i2t"
 
 
 def build_hmrn(config: MultiQueryConfig) -> HMRN:
@@ -385,6 +405,8 @@ def score_rounds(
     batch_size: int = 128,
     memory_budget: int | None = None,
     out: np.ndarray | None = None,
+    round_weight: str | None = None,
+    script_tiles: int = 0,
 ) -> np.ndarray:
     """Scores of every query set against every image for each round: (R, Q, N) float32.
 
@@ -392,13 +414,19 @@ def score_rounds(
         model: the network; put in eval mode for the call and restored after.
         images: region features (`matching.retrieval.scoring.ImageArrays`, `StoreImages`, any
             `ImageSource`), or images already encoded by this model (an `Embedded`).
-        query_sets: per set, its queries' token ids (with <start>/<end>) in round order.
+        query_sets: per set, its queries' token ids (wrapped as the model reads them) in round order.
         rounds: R (default: the most queries of a set); a set keeps its first R queries.
         device: where to compute; the model is moved there.
         batch_size: images / query sets per encoder batch.
         memory_budget: bytes of working memory for a block of pairs (default: half the
             free GPU memory, or 2 GiB on the CPU).
         out: an (R, Q, N) float32 array to fill (e.g. a memory map for a large test set).
+        round_weight: replaces the model's kind of w_r (HMRN's protocol: ``rounded``).
+        script_tiles: T > 0 scores as HMRN's evaluation script does for an i2t model
+            (`HMRN.script_transposes_local`): in each aligned tile of T sets × T images its
+            local part is added transposed, so set q against image n gets the local similarity
+            of set B(q) + n mod T and image B(n) + q mod T (B: the tile's first index); Q and N
+            must be multiples of T (docs/multi-query.md, "Reproducing HMRN's table").
 
     Each image and each query set is encoded once; blocks of images × sets are scored
     in one batched pass per round, under `torch.inference_mode`.
@@ -425,17 +453,46 @@ def score_rounds(
             n_images, num_regions, embed_size = image_emb.local.shape
             per_pair = bytes_per_pair(num_regions, rounds, embed_size, model.reasoning.score.in_features)
             pairs = max(1, budget // per_pair)
+            if script_tiles and model.script_transposes_local:
+                _score_script_tiles(model, image_emb, queries, globs, out, script_tiles, pairs, round_weight)
+                return out
             set_step = max(1, min(len(query_sets), pairs))
             img_step = max(1, min(n_images, pairs // set_step))
             for q0 in range(0, len(query_sets), set_step):
                 block = queries.select(slice(q0, q0 + set_step))
                 block_globs = globs[:, q0:q0 + set_step]
                 for i0 in range(0, n_images, img_step):
-                    scores = model.round_scores(image_emb.select(slice(i0, i0 + img_step)), block, block_globs)
+                    scores = model.round_scores(image_emb.select(slice(i0, i0 + img_step)), block, block_globs,
+                                                round_weight)
                     out[:, q0:q0 + set_step, i0:i0 + img_step] = scores.transpose(1, 2).float().cpu().numpy()
     finally:
         model.train(was_training)
     return out
+
+
+def _score_script_tiles(model: HMRN, images: Embedded, queries: Embedded, globs: Tensor, out: np.ndarray,
+                        tile: int, pairs: int, round_weight: str | None) -> None:
+    """`score_rounds` with HMRN's script's tiles (see there): each tile's two parts in blocks of at most `pairs`
+    pairs, then its local part transposed and added to the rest."""
+    n_sets, n_images = out.shape[1:]
+    if n_sets % tile or n_images % tile:
+        raise ValueError(f"HMRN's script scores whole {tile} × {tile} tiles: {n_sets} query sets and {n_images} "
+                         "images are not multiples of it")
+    set_step = max(1, min(tile, pairs))
+    img_step = max(1, min(tile, pairs // set_step))
+    for t0 in range(0, n_sets, tile):
+        for u0 in range(0, n_images, tile):
+            local = np.empty((out.shape[0], tile, tile), np.float32)  # (R, sets, images) of the tile
+            rest = np.empty_like(local)
+            for q0 in range(t0, t0 + tile, set_step):
+                q1 = min(q0 + set_step, t0 + tile)
+                block, block_globs = queries.select(slice(q0, q1)), globs[:, q0:q1]
+                for i0 in range(u0, u0 + tile, img_step):
+                    i1 = min(i0 + img_step, u0 + tile)
+                    parts = model.round_parts(images.select(slice(i0, i1)), block, block_globs, round_weight)
+                    local[:, q0 - t0:q1 - t0, i0 - u0:i1 - u0] = parts[0].transpose(1, 2).float().cpu().numpy()
+                    rest[:, q0 - t0:q1 - t0, i0 - u0:i1 - u0] = parts[1].transpose(1, 2).float().cpu().numpy()
+            out[:, t0:t0 + tile, u0:u0 + tile] = local.transpose(0, 2, 1) + rest
 
 
 def ensemble_scores(models: Sequence[HMRN], images: ImageSource, query_sets: Sequence[Sequence[Sequence[int]]],

@@ -140,7 +140,7 @@ def evaluate_checkpoint(
         check_features(store, config.model.img_dim, config.model.num_regions, path)
     data = task.evaluation_data(data_file, settings.split, store, settings, [config for _, config, _ in loaded],
                                 sims_files)
-    tokens = [task.encode(data, vocab) for _, _, vocab in loaded]
+    tokens = [task.encode(data, vocab, config) for _, config, vocab in loaded]
     sources = [str(p) for p in sims_files] + [str(p) for p in checkpoints]
     from matching.retrieval.scoring import StoreImages, matmul_precision
 

@@ -14,7 +14,9 @@ import numpy as np
 
 RECALL_KEYS = ("r1", "r5", "r10")
 METRIC_KEYS = tuple(f"{d}_{k}" for d in ("i2t", "t2i") for k in (*RECALL_KEYS, "medr", "meanr")) + ("rsum",)
-PROTOCOLS = ("all", "full", "coco1k", "coco5k", "f30k")
+PROTOCOLS = ("all", "full", "coco1k", "coco5k", "f30k", "hmrn")
+MATCHING_PROTOCOLS = PROTOCOLS[:5]
+HMRN_PROTOCOL = "hmrn"  # HMRN's evaluation script, for multi-query models (`matching.tasks.multiquery`)
 COCO_TEST_IMAGES = 5000
 COCO_FOLD_IMAGES = 1000
 F30K_TEST_IMAGES = 1000
@@ -128,8 +130,10 @@ def protocol_names(n_images: int, protocol: str) -> list[str]:
 
     Called before scoring, so a mismatch is reported before any work is done.
     """
-    if protocol not in PROTOCOLS:
-        raise MetricsError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol not in MATCHING_PROTOCOLS:
+        hint = " (HMRN's multi-query evaluation)" if protocol == HMRN_PROTOCOL else ""
+        raise MetricsError(f"protocol {protocol!r}{hint} does not apply to a matching evaluation; choose one of "
+                           f"{', '.join(MATCHING_PROTOCOLS)}")
     expected = {"coco1k": COCO_TEST_IMAGES, "coco5k": COCO_TEST_IMAGES, "f30k": F30K_TEST_IMAGES}
     if protocol in expected and n_images != expected[protocol]:
         raise MetricsError(f"protocol {protocol} needs {expected[protocol]} test images, "
@@ -197,20 +201,27 @@ def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict[str, floa
 # --------------------------------------------------------------------------- multi-query retrieval (HMRN)
 #
 # A multi-query score tensor is (rounds, Q, N): query set q against image n after round r.
-# Query set q describes image q (Q = N) unless `targets` says otherwise. Every query set
-# is ranked (HMRN's script leaves out its last 96 test images; nothing is left out here),
-# and ties count against the query, as above.
+# Query set q describes image q (Q = N) unless `targets` says otherwise. Ties count against
+# the query, as above (``ties="against"``), or fall where HMRN's evaluation script puts them:
+# the image's position in ``np.argsort(row)[::-1]`` (``ties="argsort"``). Which sets and
+# images are ranked is the task's protocol (`matching.tasks.multiquery`).
 
 ROUND_KEYS = ("r1", "r5", "r10", "meanr")
+TIES = ("against", "argsort")
 
 
-def round_ranks(scores: np.ndarray, targets: np.ndarray | None = None) -> np.ndarray:
+def round_ranks(scores: np.ndarray, targets: np.ndarray | None = None, ties: str = "against") -> np.ndarray:
     """(R, Q) 0-based rank of each query set's target image among the N images, at each round.
 
     Args:
         scores: (R, Q, N) scores of query set q against image n at round r.
         targets: (Q,) the column of each set's image; default q (requires Q = N).
+        ties: ``against``: an image scoring exactly as the target ranks above it; ``argsort``: HMRN's
+            script's rank, the target's position in ``np.argsort(row)[::-1]`` (the order numpy's sort
+            leaves equal scores in; the same as ``against`` where no other image ties with the target).
     """
+    if ties not in TIES:
+        raise ValueError(f"unknown tie rule {ties!r}; choose one of {', '.join(TIES)}")
     scores = np.asarray(scores)
     if scores.ndim != 3:
         raise ValueError(f"scores must be a 3-d (rounds × query sets × images) tensor, not shape {scores.shape}")
@@ -229,13 +240,24 @@ def round_ranks(scores: np.ndarray, targets: np.ndarray | None = None) -> np.nda
         if not np.isfinite(block).all():
             raise ValueError("scores contain NaN or infinite values")
         truth = block[:, np.arange(len(rows)), targets[rows]]  # (R, b)
-        ranks[:, rows] = (block >= truth[..., None]).sum(axis=2) - 1
+        if ties == "against":
+            ranks[:, rows] = (block >= truth[..., None]).sum(axis=2) - 1
+            continue
+        ranks[:, rows] = (block > truth[..., None]).sum(axis=2)
+        tied = (block == truth[..., None]).sum(axis=2) > 1  # (R, b) another image scores as the target
+        for r, j in zip(*np.nonzero(tied), strict=True):
+            order = np.argsort(block[r, j].astype(np.float64))[::-1]  # HMRN's script sorts float64 rows
+            ranks[r, rows[j]] = int(np.flatnonzero(order == targets[rows[j]])[0])
     return ranks
 
 
-def round_metrics(scores: np.ndarray, targets: np.ndarray | None = None) -> dict[str, list[dict[str, float]]]:
-    """Per-round R@1/5/10 (percent) and mean rank: {"rounds": [{"round": 1, "r1", "r5", "r10", "meanr"}, …]}."""
-    ranks = round_ranks(scores, targets)
+def round_metrics(scores: np.ndarray, targets: np.ndarray | None = None,
+                  ties: str = "against") -> dict[str, list[dict[str, float]]]:
+    """Per-round R@1/5/10 (percent) and mean rank: {"rounds": [{"round": 1, "r1", "r5", "r10", "meanr"}, …]}.
+
+    R@K is the share of 0-based ranks below K and the mean rank is the mean 0-based rank + 1, as in
+    HMRN's script; `ties` as in `round_ranks`."""
+    ranks = round_ranks(scores, targets, ties)
     return {"rounds": [{"round": r + 1, "r1": 100.0 * float(np.mean(row < 1)), "r5": 100.0 * float(np.mean(row < 5)),
                         "r10": 100.0 * float(np.mean(row < 10)), "meanr": float(row.mean() + 1)}
                        for r, row in enumerate(ranks)]}

@@ -113,11 +113,13 @@ class EngineInfo:
     precision: str = "float32"  # the scorers' arithmetic
 
 
-def encode_query(vocab: Vocabulary, text: str) -> tuple[list[int], list[str]]:
-    """(token ids, the words the vocabulary does not know and the model therefore ignores)."""
-    tokens = vocab.encode(text)
-    unknown = [word for word in tokenize(text) if word not in vocab.word2idx]
-    if all(t == vocab.word2idx.get("<unk>", 3) for t in tokens[1:-1]):
+def encode_query(vocab: Vocabulary, text: str, wrap: str = "start-end") -> tuple[list[int], list[str]]:
+    """(token ids wrapped by `wrap` (the model's, `Task.text_wrap`), the words the vocabulary does not know and the
+    model therefore ignores)."""
+    tokens = vocab.encode(text, wrap)
+    words = tokenize(text)
+    unknown = [word for word in words if word not in vocab.word2idx]
+    if len(unknown) == len(words):
         raise QueryError(f"none of the words of {text!r} is in the model's vocabulary of {len(vocab)} words")
     return tokens, unknown
 
@@ -213,6 +215,7 @@ class SearchEngine:
         self.captions = list(captions)
         owners = resolve_image_ids({c.image_id for c in self.captions}, self.gallery)
         self.caption_owner = [owners.get(c.image_id) for c in self.captions]  # gallery id or None
+        self.wrap = self.task.text_wrap(config)  # how the model reads a text (`Task.text_wrap`)
         self._caption_tokens: list[list[int]] | None = None  # tokenised on first use (`caption_tokens`)
         self._caption_cache: dict[str, Any] = {}  # the task's encoded caption gallery, made on first use
         self.info = EngineInfo(checkpoint="", task=config.task, gallery_size=len(self.gallery),
@@ -274,7 +277,7 @@ class SearchEngine:
         encoded = []
         for number, text in enumerate(queries, 1):
             try:
-                encoded.append(encode_query(self.vocab, text))
+                encoded.append(encode_query(self.vocab, text, self.wrap))
             except QueryError as error:
                 raise QueryError(f"query {number}: {error}" if len(queries) > 1 else str(error)) from None
         tokens = [ids for ids, _ in encoded]
@@ -311,7 +314,7 @@ class SearchEngine:
         """The caption gallery's token ids, made on the first image → captions request: a text search never
         needs them, so a server's start does not wait for a whole caption file to be tokenised."""
         if self._caption_tokens is None:
-            self._caption_tokens = [self.vocab.encode(c.text) for c in self.captions]
+            self._caption_tokens = [self.vocab.encode(c.text, self.wrap) for c in self.captions]
         return self._caption_tokens
 
     def image_captions(self, image_id: str, k: int) -> CaptionsResult:

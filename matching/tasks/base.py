@@ -59,6 +59,7 @@ class EvaluationData:
     texts: list[Any]  # what each model encodes with its own vocabulary (captions; query sets)
     shape: tuple[int, ...]  # of the score array (matching: images × captions; multi-query: rounds × sets × images)
     count: int  # captions or query sets
+    left_out: int = 0  # texts of the split the protocol does not rank (HMRN's: the sets beyond its whole tiles)
 
 
 @dataclass
@@ -93,6 +94,11 @@ class Task(Protocol):
 
     def vocabulary_texts(self, path: str | os.PathLike, splits: Sequence[str] | None) -> list[str]:
         """The texts a vocabulary is counted from (`splits`, or the task's default ones)."""
+        ...
+
+    def text_wrap(self, config: Config) -> str:
+        """How the model of `config` wraps a text's token ids (`matching.config.TEXT_WRAPS`), for every text it
+        reads: training, evaluation and search."""
         ...
 
     def gallery(self, path: str | os.PathLike, split: str | None) -> tuple[set[str], list[Any]]:
@@ -150,8 +156,8 @@ class Task(Protocol):
         """The test split: its images and texts, checked against the protocol before any scoring."""
         ...
 
-    def encode(self, data: EvaluationData, vocab: Vocabulary) -> list[Any]:
-        """The split's texts as token ids of one model's vocabulary."""
+    def encode(self, data: EvaluationData, vocab: Vocabulary, config: Config) -> list[Any]:
+        """The split's texts as token ids of one model's vocabulary, wrapped as that model (`config`) reads them."""
         ...
 
     def score(self, model: nn.Module, images: Any, tokens: list[Any], data: EvaluationData,

@@ -145,6 +145,9 @@ class MatchingTask:
         """The captions of `splits` (default train and val)."""
         return [c.text for c in read_split(path, list(splits or ("train", "val")), "the vocabulary")]
 
+    def text_wrap(self, config: Config) -> str:
+        return "start-end"  # SGRAF's captions: <start> words… <end>
+
     def gallery(self, path: str | os.PathLike, split: str | None) -> tuple[set[str], list[Any]]:
         selected = read_split(path, split, "search") if split else read_captions(path)
         return {c.image_id for c in selected}, selected
@@ -266,8 +269,8 @@ class MatchingTask:
         protocol_names(len(image_ids), settings.protocol)  # fail before scoring
         return EvaluationData(image_ids, [c.text for c in ordered], (len(image_ids), len(ordered)), len(ordered))
 
-    def encode(self, data: EvaluationData, vocab: Vocabulary) -> list[list[int]]:
-        return [vocab.encode(text) for text in data.texts]
+    def encode(self, data: EvaluationData, vocab: Vocabulary, config: Config) -> list[list[int]]:
+        return [vocab.encode(text, self.text_wrap(config)) for text in data.texts]
 
     def score(self, model: TSHSR, images: Any, tokens: list[list[int]], data: EvaluationData,
               settings: EvaluationSettings, launch: Launch, device: torch.device, *, progress: bool,

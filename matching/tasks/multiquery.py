@@ -5,8 +5,10 @@ Multi-query JSONL files in (image_id, split, queries); in the one training loop 
 detection, DistributedDataParallel) it brings the data (query sets, `max_turns` queries drawn
 per image in a fresh order each epoch), HMRN's loss and the per-round validation; evaluation
 ranks every image of the split for every set after each round (R@1/5/10 and mean rank per
-round); a search scores every image with the model's own rounds, and a hit shows the regions
-its queries attend to in the reasoning.
+round; protocol ``full``), or does what HMRN's evaluation script does (protocol ``hmrn``: its
+image subset, its rounded w_r, its i2t local matrix added as it comes out, its tie rule;
+docs/multi-query.md, "Reproducing HMRN's table"); a search scores every image with the model's
+own rounds, and a hit shows the regions its queries attend to in the reasoning.
 
 Under torchrun each process scores its images against every process's query sets (rows) and
 every image against its own sets (columns): its rows hold the image-to-sets InfoNCE terms of its
@@ -49,10 +51,12 @@ from matching.data.queries import (
 from matching.data.text import Vocabulary
 from matching.model.encoders import Embedded
 from matching.model.hmrn import HMRN, MultiQuerySimilarities, build_hmrn, multiquery_loss_part, score_rounds
-from matching.retrieval.metrics import MetricsError, format_round_table, round_chance, round_metrics
+from matching.retrieval.metrics import HMRN_PROTOCOL, MetricsError, format_round_table, round_chance, round_metrics
 from matching.retrieval.scoring import StoreImages
 from matching.tasks.base import COLLAPSE_STEPS, EvaluationData, Ranking, StepResult, TrainingData
 from matching.training.distributed import gather_embedded, gather_rows, images_split_among_ranks
+
+HMRN_TILE = 700  # HMRN's evaluation script scores tiles of 700 query sets × 700 images (its shared_size)
 
 
 class GlobalBatchSimilarities(nn.Module):
@@ -78,7 +82,8 @@ class MultiQueryTask:
     model_config = MultiQueryConfig
     recipe = PRESETS["hmrn"]  # HMRN's recipe (its opts.py)
     variants: dict[str, dict[str, Any]] = {}
-    legacy_fields: dict[str, Any] = {}
+    # A checkpoint saved before `model.query_wrap` existed was trained on queries wrapped as captions are.
+    legacy_fields: dict[str, Any] = {"model.query_wrap": "start-end"}
     run_prefix = "hmrn"
     data_file = "a multi-query JSONL file (image_id, split, queries)"
     unit = "query sets"
@@ -94,6 +99,9 @@ class MultiQueryTask:
         """The queries of `splits` (default train)."""
         return [q for item in read_query_split(path, list(splits or ("train",)), "the vocabulary")
                 for q in item.queries]
+
+    def text_wrap(self, config: Config) -> str:
+        return config.model.query_wrap  # HMRN's: words… <end>
 
     def gallery(self, path: str | os.PathLike, split: str | None) -> tuple[set[str], list[Any]]:
         sets = read_query_split(path, split, "search") if split else read_query_sets(path)
@@ -115,7 +123,9 @@ class MultiQueryTask:
         config = config.updated(model={"img_dim": store.feature_dim, "num_regions": store.max_boxes,
                                        "vocab_size": len(vocab)})
         turns = config.model.max_turns
-        sets = build_query_data(read_query_split(data_file, train_split, "training"), store.image_ids, vocab, turns)
+        wrap = self.text_wrap(config)
+        sets = build_query_data(read_query_split(data_file, train_split, "training"), store.image_ids, vocab, turns,
+                                wrap)
         dataset = MultiQueryDataset(store, sets, turns, seed=config.train.seed,
                                     in_memory=config.train.features_in_memory)
         validation = None
@@ -126,7 +136,7 @@ class MultiQueryTask:
             log(f"note: {data_file} has no query sets marked '{val_split}': no validation; "
                 "model_best.pt is the last epoch")
         else:
-            val = build_query_data(marked, store.image_ids, vocab, turns)
+            val = build_query_data(marked, store.image_ids, vocab, turns, wrap)
             if config.train.val_images:
                 val.image_ids, val.queries = val.image_ids[: config.train.val_images], val.queries[
                     : config.train.val_images]
@@ -209,28 +219,50 @@ class MultiQueryTask:
     def evaluation_data(self, path: str | os.PathLike, split: str | None, store: FeatureStore,
                         settings: EvaluationSettings, configs: Sequence[Config],
                         sims_files: Sequence[str | os.PathLike]) -> EvaluationData:
-        """Every image of the split with its query set's first T queries (T: the models' `max_turns`, or the
-        rounds of the saved score tensors)."""
+        """The split's images with their query sets' first T queries (T: the models' `max_turns`, or the
+        rounds of the saved score tensors): every one (protocol full), or HMRN's (`hmrn_subset`)."""
+        protocol = round_protocol(settings.protocol)
         sets = read_query_split(path, split, "evaluation") if split else read_query_sets(path)
+        left_out = 0
+        if protocol == HMRN_PROTOCOL:
+            from extract.runtime import Launch
+
+            if Launch.from_env().world_size > 1:
+                raise MetricsError("--protocol hmrn scores HMRN's tiles in one process; start evaluate without "
+                                   "torchrun")
+            kept = hmrn_subset(sets)
+            left_out = len(sets) - len(kept)
+            sets = kept
         turns = min((config.model.max_turns for config in configs), default=0) or _rounds_of(sims_files[0])
         image_ids = set_images(sets, store.image_ids, turns)
         return EvaluationData(image_ids, [list(item.queries[:turns]) for item in sets],
-                              (turns, len(image_ids), len(image_ids)), len(sets))
+                              (turns, len(image_ids), len(image_ids)), len(sets), left_out)
 
-    def encode(self, data: EvaluationData, vocab: Vocabulary) -> list[list[list[int]]]:
-        return [[vocab.encode(q) for q in queries] for queries in data.texts]
+    def encode(self, data: EvaluationData, vocab: Vocabulary, config: Config) -> list[list[list[int]]]:
+        wrap = self.text_wrap(config)
+        return [[vocab.encode(q, wrap) for q in queries] for queries in data.texts]
 
     def score(self, model: HMRN, images: Any, tokens: list[list[list[int]]], data: EvaluationData,
               settings: EvaluationSettings, launch: Launch, device: torch.device, *, progress: bool,
               log: Callable[[str], None] | None) -> np.ndarray:
+        """The round scores (R, Q, N); under HMRN's protocol as its script computes them: w_r rounded to two
+        decimals, an i2t model's local part added transposed in its 700 × 700 tiles (`score_rounds`)."""
         rounds = data.shape[0]
+        script = round_protocol(settings.protocol) == HMRN_PROTOCOL
         return images_split_among_ranks(
             lambda share: score_rounds(model, share, tokens, rounds=rounds, device=device,
-                                       batch_size=settings.batch_size, memory_budget=settings.memory_budget_bytes),
+                                       batch_size=settings.batch_size, memory_budget=settings.memory_budget_bytes,
+                                       round_weight="rounded" if script else None,
+                                       script_tiles=HMRN_TILE if script else 0),
             images, launch, device, image_axis=2)
 
     def metrics(self, scores: np.ndarray, data: EvaluationData, settings: EvaluationSettings) -> dict[str, Any]:
-        return round_metrics(scores)
+        """{"protocol", "rounds": [...]}, and for HMRN's protocol the sets it left out and its w_r."""
+        protocol = round_protocol(settings.protocol)
+        if protocol == HMRN_PROTOCOL:
+            return {"protocol": protocol, "left_out": data.left_out, "round_weight": "rounded",
+                    **round_metrics(scores, ties="argsort")}
+        return {"protocol": protocol, **round_metrics(scores)}
 
     def two_stage(self, models: Sequence[HMRN], configs: Sequence[Config], sources: Sequence[Any], images: Any,
                   tokens: Sequence[list[Any]], data: EvaluationData, settings: EvaluationSettings,
@@ -240,7 +272,16 @@ class MultiQueryTask:
                            "scores every image")
 
     def table(self, results: dict[str, Any], reports: dict[str, Any] | None, n_images: int) -> str:
-        return format_round_table(results, round_chance(n_images))
+        """The per-round table under a line that says which protocol made it."""
+        if results.get("protocol") == HMRN_PROTOCOL:
+            total = n_images + int(results.get("left_out", 0))
+            title = (f"protocol hmrn (HMRN's evaluation script): the first {n_images} of {total} query sets and "
+                     "images in image-id order, w_r rounded to 2 decimals, an i2t model's local level added as the "
+                     "script adds it, ties where np.argsort leaves them")
+        else:
+            title = (f"protocol full (ours): all {n_images} images ranked for every query set, w_r as each "
+                     "model's config says, ties count against the query")
+        return title + "\n" + format_round_table(results, round_chance(n_images))
 
     # ------------------------------------------------------------------ search
 
@@ -285,6 +326,34 @@ class RoundsRanker:
             scores[start:start + len(images)] = score_rounds(self.model, images, [queries], rounds=len(queries),
                                                              device=self.device, batch_size=self.batch_size)[:, 0].T
         return Ranking(np.arange(len(self.gallery)), scores)
+
+
+def round_protocol(protocol: str) -> str:
+    """The multi-query protocol a request names: ``full`` (ours: every set and image of the split; also what
+    ``all`` gives) or ``hmrn`` (HMRN's script); MetricsError for a matching protocol."""
+    if protocol in ("all", "full"):
+        return "full"
+    if protocol == HMRN_PROTOCOL:
+        return protocol
+    raise MetricsError(f"protocol {protocol!r} is a matching protocol; a multi-query evaluation takes full "
+                       f"(every image of the split) or {HMRN_PROTOCOL} (HMRN's evaluation script)")
+
+
+def hmrn_subset(sets: Sequence[Any]) -> list[Any]:
+    """The query sets HMRN's evaluation script ranks: its test loader orders the images by (integer) image id,
+    and it scores whole tiles of `HMRN_TILE` sets × `HMRN_TILE` images only, so the first ⌊N / 700⌋ · 700
+    (9,800 of the 9,896 test images). Ids that are not all integers keep the file's order.
+
+    MetricsError when the split has fewer sets than one tile.
+    """
+    ordered = list(sets)
+    if all(str(item.image_id).isdigit() for item in ordered):
+        ordered.sort(key=lambda item: int(item.image_id))
+    kept = len(ordered) // HMRN_TILE * HMRN_TILE
+    if not kept:
+        raise MetricsError(f"protocol {HMRN_PROTOCOL} ranks whole tiles of {HMRN_TILE} query sets and images, as "
+                           f"HMRN's script does; the split has {len(ordered)}: use --protocol full")
+    return ordered[:kept]
 
 
 def _rounds_of(path: str | os.PathLike) -> int:
