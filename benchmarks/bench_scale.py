@@ -175,6 +175,12 @@ def write_queries(path: Path, vg: dict[str, int]) -> None:
             handle.write(json.dumps({"image_id": image_id(i), "split": split, "queries": queries}) + "\n")
 
 
+def text_queries(count: int, seed: int) -> list[str]:
+    """Search texts in the generated captions' words."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(sentence(rng, 6, 14)) for _ in range(count)]
+
+
 def checkpoints(workdir: Path) -> tuple[Path, Path]:
     """Random-weight TSHSR (on the vocab stage's vocabulary) and HMRN checkpoints at the papers' sizes."""
     import torch
@@ -410,8 +416,6 @@ def stage_index_recall(workdir: Path, args: argparse.Namespace) -> dict[str, Any
 
 
 def stage_search(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from bench_serve import make_queries
-
     from matching.config import EvaluationSettings
     from matching.retrieval.search import SearchEngine
 
@@ -420,7 +424,7 @@ def stage_search(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                                device="cpu", settings=EvaluationSettings(split=None, shortlist=args.shortlist))
     opened = time.perf_counter() - started
     latencies = []
-    for query in make_queries(21, seed=5):
+    for query in text_queries(21, seed=5):
         started = time.perf_counter()
         engine.search_text(query, 10)
         latencies.append(time.perf_counter() - started)
@@ -462,14 +466,16 @@ def _stop(child: subprocess.Popen) -> None:
 def stage_serve(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
-    from bench_serve import load, make_queries
+    from bench_serve import load
 
     index = workdir / ("gallery-5k" if args.stage == "serve-5k" else "gallery")
     extra = ["--captions", str(workdir / "dataset_coco.json"), "--split", "test"] if args.stage == "serve-5k" else []
-    queries = make_queries(41, seed=6)
+    queries = text_queries(41, seed=6)
     first, port, start_seconds = _serve(workdir, index, extra)
     try:
         outcome = asyncio.run(load(port, queries, 10, 1, 600))
+        if not outcome["latencies"]:
+            raise SystemExit(f"no search was answered: {outcome['failures']}")
         ms = 1000 * np.asarray(outcome["latencies"])
         anon, file = _rss_parts(first.pid)
         figures = {"start_seconds": start_seconds, "p50_ms": float(np.percentile(ms, 50)),
@@ -485,7 +491,7 @@ def stage_serve(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                                      "p50_ms": float(np.percentile(1000 * np.asarray(both[1]["latencies"]), 50)),
                                      "rss_anon": anon2, "rss_file": file2}
                 note += (f"; a second server on the same gallery: ready in {start2:.1f} s, both answered "
-                         f"{'/'.join(str(n) for n in figures['second']['answered'])} of 10, its anonymous RSS "
+                         f"{' and '.join(str(n) for n in figures['second']['answered'])} searches, its anonymous RSS "
                          f"{anon2 / 2**30:.2f} GiB")
             finally:
                 _stop(second)
