@@ -35,22 +35,15 @@ import torch
 from matching import checkpoint
 from matching.checkpoint import CheckpointError
 from matching.config import PRESETS, Config, MultiQueryConfig, TrainConfig
-from matching.importers.published import load_into, read_published, rename_keys
+from matching.importers.published import ENCODER_KEYS, POOLING_KEYS, load_into, read_published, rename_keys
 
 DIRECTIONS = {"I-T": "i2t", "T-I": "t2i"}  # HMRN's cross_attention_direction → our direction
 HMRN_DROPOUT = 0.4  # nn.Dropout(0.4) of HMRN's text encoder and self-attention poolings (not an option there)
 
 # HMRN name (regex on the key inside its state dict) → our name; \1 carries indices.
 _KEY_MAP = {
-    0: [(r"fc\.(weight|bias)", r"image_encoder.fc.\1")],
-    1: [(r"embed\.weight", r"text_encoder.embed.weight"),
-        (r"cap_rnn\.(.+)", r"text_encoder.gru.\1")],
-    2: [(r"v_global_w\.embedding_local\.([01])\.(.+)", r"image_encoder.pool.local_proj.\1.\2"),
-        (r"v_global_w\.embedding_global\.([01])\.(.+)", r"image_encoder.pool.global_proj.\1.\2"),
-        (r"v_global_w\.embedding_common\.0\.(.+)", r"image_encoder.pool.score.\1"),
-        (r"t_global_w\.embedding_local\.0\.(.+)", r"text_encoder.pool.local_proj.0.\1"),
-        (r"t_global_w\.embedding_global\.0\.(.+)", r"text_encoder.pool.global_proj.0.\1"),
-        (r"t_global_w\.embedding_common\.0\.(.+)", r"text_encoder.pool.score.\1"),
+    **ENCODER_KEYS,
+    2: [*POOLING_KEYS,
         (r"sim_tranloc_w\.(weight|bias)", r"reasoning.sim_local.proj.\1"),
         (r"sim_tranglo_w\.(weight|bias)", r"reasoning.sim_global.proj.\1"),
         (r"sim_w\.(weight|bias)", r"reasoning.score.\1"),

@@ -23,6 +23,21 @@ from matching import checkpoint
 from matching.checkpoint import CheckpointError
 
 PARTS = ("img_enc", "txt_enc", "sim_enc")  # the three state dicts of "model", in order
+# The encoders and the self-attention poolings, which SGRAF and HMRN name alike (regex on the key inside its
+# part → our name; \1 carries indices). Each importer adds its own similarity and reasoning keys to part 2.
+ENCODER_KEYS = {
+    0: [(r"fc\.(weight|bias)", r"image_encoder.fc.\1")],
+    1: [(r"embed\.weight", r"text_encoder.embed.weight"),
+        (r"cap_rnn\.(.+)", r"text_encoder.gru.\1")],
+}
+POOLING_KEYS = [
+    (r"v_global_w\.embedding_local\.([01])\.(.+)", r"image_encoder.pool.local_proj.\1.\2"),
+    (r"v_global_w\.embedding_global\.([01])\.(.+)", r"image_encoder.pool.global_proj.\1.\2"),
+    (r"v_global_w\.embedding_common\.0\.(.+)", r"image_encoder.pool.score.\1"),
+    (r"t_global_w\.embedding_local\.0\.(.+)", r"text_encoder.pool.local_proj.0.\1"),
+    (r"t_global_w\.embedding_global\.0\.(.+)", r"text_encoder.pool.global_proj.0.\1"),
+    (r"t_global_w\.embedding_common\.0\.(.+)", r"text_encoder.pool.score.\1"),
+]
 
 
 def read_published(path: str | os.PathLike, kind: str) -> dict[str, Any]:
