@@ -198,12 +198,13 @@ def serve_child(args: argparse.Namespace) -> None:
     import uvicorn
 
     from matching.config import EvaluationSettings
-    from matching.retrieval.search import SearchEngine
-    from pipelines.serve.app import Limits, create_app
+    from pipelines.serve.app import Limits, create_app, open_engine
+    from pipelines.serve.worker import ModelWorker
 
-    engine = SearchEngine.open(args.checkpoint, args.features, device="cpu", index_path=args.index,
-                               settings=EvaluationSettings(split=None, shortlist=args.shortlist))
-    app = create_app(engine, limits=Limits(queue_size=args.queue_size))
+    worker = ModelWorker(args.queue_size)
+    engine = open_engine(worker, args.checkpoint, args.features, device="cpu", index_path=args.index,
+                         settings=EvaluationSettings(split=None, shortlist=args.shortlist))
+    app = create_app(engine, limits=Limits(queue_size=args.queue_size), worker=worker)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

@@ -322,6 +322,45 @@ def test_concurrent_requests_run_one_at_a_time_on_one_thread(toy_engine, trained
         assert threads == {client.app.state.worker.thread_id} and not overlap[0]
 
 
+def test_the_engine_is_opened_on_the_thread_that_answers_the_searches(trained_toy, monkeypatch):
+    """`build_app` loads the model on the worker thread (torch's CPU operations ran 15–20% slower on a thread
+    other than the one that ran them first); an opening that fails stops that thread and reports its error."""
+    from pipelines.serve.app import build_app
+    from pipelines.serve.worker import ModelWorker
+
+    features, captions, _, ckpt, _ = trained_toy
+    opened_on, searched_on = [], []
+    real_open, real_search = SearchEngine.open, SearchEngine.search
+
+    def spied_open(*args, **options):
+        opened_on.append(threading.get_ident())
+        return real_open(*args, **options)
+
+    def spied_search(self, *args, **options):
+        searched_on.append(threading.get_ident())
+        return real_search(self, *args, **options)
+
+    monkeypatch.setattr(SearchEngine, "open", spied_open)
+    monkeypatch.setattr(SearchEngine, "search", spied_search)
+    app = build_app(ckpt, features, captions=captions, device="cpu", settings=EvaluationSettings(split="test"))
+    with TestClient(app) as client:
+        assert client.get("/api/search", params={"q": "a red circle", "k": 3}).status_code == 200
+        assert opened_on == searched_on == [app.state.worker.thread_id] != [threading.get_ident()]
+    started = []
+    real_start = ModelWorker.start
+
+    def spied_start(self):
+        started.append(self)
+        return real_start(self)
+
+    monkeypatch.setattr(ModelWorker, "start", spied_start)
+    from matching.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="missing.pt: no such checkpoint"):
+        build_app(ckpt.parent / "missing.pt", features, device="cpu")
+    assert len(started) == 1 and not started[0]._thread.is_alive()
+
+
 def test_page_schema_and_info(toy_engine):
     with client_for(toy_engine) as client:
         page = client.get("/")

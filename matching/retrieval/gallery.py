@@ -136,7 +136,9 @@ class EncodedGallery:
         if isinstance(positions, slice):
             positions = np.arange(len(self))[positions]
         positions = np.asarray(positions, np.int64).reshape(-1)
-        local = torch.from_numpy(self.take("local", positions).astype(np.float32, copy=False))
+        # torch widens float16 with the processor's vector conversion: 0.8 ms for the 200 images of 36 × 1024
+        # a search re-ranks, numpy's astype 6.7 ms (docs/search.md, "serve")
+        local = torch.from_numpy(self.take("local", positions)).float()
         counts = torch.from_numpy(self.take("num_boxes", positions).astype(np.int64))
         mask = torch.arange(local.shape[1])[None, :] < counts[:, None]
         glob = torch.from_numpy(self.take("glob", positions))

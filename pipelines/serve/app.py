@@ -132,10 +132,11 @@ def _thumbnail_url(image_id: str) -> str:
 
 
 def create_app(engine: SearchEngine, *, images_dir: str | os.PathLike | None = None,
-               limits: Limits = Limits()) -> FastAPI:
-    """The app over a loaded engine; the worker thread starts and stops with the app's lifespan."""
+               limits: Limits = Limits(), worker: ModelWorker | None = None) -> FastAPI:
+    """The app over a loaded engine; the worker thread starts (unless `worker` is given started: the one that
+    opened the engine, `open_engine`) and stops with the app's lifespan."""
     files = ImageFiles(images_dir, engine.gallery)
-    worker = ModelWorker(limits.queue_size)
+    worker = worker or ModelWorker(limits.queue_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -260,7 +261,24 @@ def build_app(checkpoint_path: str | os.PathLike, features: str | os.PathLike, *
               index_path: str | os.PathLike | None = None, device: str = "auto", limits: Limits = Limits(),
               settings: EvaluationSettings | None = None) -> FastAPI:
     """Load the model and the gallery once (`SearchEngine.open`, `settings`: the split of `captions`, the
-    shortlist) and make the app over them."""
-    engine = SearchEngine.open(checkpoint_path, features, captions=captions, index_path=index_path,
-                               device=device, settings=settings or EvaluationSettings(split=None))
-    return create_app(engine, images_dir=images_dir, limits=limits)
+    shortlist), on the thread that will answer the searches (`open_engine`), and make the app over them."""
+    worker = ModelWorker(limits.queue_size)
+    engine = open_engine(worker, checkpoint_path, features, captions=captions, index_path=index_path,
+                         device=device, settings=settings or EvaluationSettings(split=None))
+    return create_app(engine, images_dir=images_dir, limits=limits, worker=worker)
+
+
+def open_engine(worker: ModelWorker, *args: Any, **options: Any) -> SearchEngine:
+    """`SearchEngine.open(*args, **options)` run on `worker`'s thread (started here), which then runs every search.
+
+    On a CPU, torch's parallel operations run 15–20% slower in a thread when another thread of the process
+    has run them before (measured on 2 cores: a search of 5,000 images took 68 ms on the thread that opened
+    the engine, 85 ms on another one; docs/search.md, "serve"), so the loading and the searches share one.
+    The worker is stopped again when the opening fails.
+    """
+    worker.start()
+    try:
+        return worker.call(SearchEngine.open, *args, **options)
+    except BaseException:
+        worker.stop()
+        raise

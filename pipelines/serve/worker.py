@@ -8,6 +8,7 @@ at once (`WorkerBusy`, a 503) instead of piling up latency and memory.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -40,8 +41,14 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> ModelWorker:
-        self._thread.start()
+        """Start the thread (once; a started worker is returned as it is)."""
+        if not self._thread.is_alive():
+            self._thread.start()
         return self
+
+    def call(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `call` on the worker thread and wait for it: its result, or its exception raised here."""
+        return self.submit(functools.partial(call, *args, **kwargs)).result()
 
     @property
     def waiting(self) -> int:
