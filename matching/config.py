@@ -17,6 +17,7 @@ REASONING = ("hsr", "sgr")
 STREAMS = ("i2t", "t2i", "both")
 ATTENTION_CLIPS = ("leaky_relu", "relu")
 RELATION_NORMS = ("softmax", "none")
+FIRST_STAGE_POOLINGS = ("attention+max", "attention")  # `matching.model.first_stage.AttentionProjection`
 
 
 class ConfigError(ValueError):
@@ -49,11 +50,15 @@ class ModelConfig:
     # Size of the shortlist's vectors (`matching.model.first_stage`: a head trained beside the model on detached
     # inputs, used only by two-stage retrieval); 0 = no head.
     first_stage_dim: int = 256
+    # How the head pools a set of local vectors: attention pooling beside the element-wise max ("attention+max"),
+    # or attention pooling alone ("attention", the first heads'); docs/decisions.md, "The first stage".
+    first_stage_pooling: str = "attention+max"
 
     def validate(self) -> ModelConfig:
         """Raise ConfigError on a value no model can be built from; returns self."""
         choices = {"reasoning": REASONING, "streams": STREAMS, "reasoning_stream": ("i2t", "t2i"),
-                   "attention_clip": ATTENTION_CLIPS, "relation_norm": RELATION_NORMS}
+                   "attention_clip": ATTENTION_CLIPS, "relation_norm": RELATION_NORMS,
+                   "first_stage_pooling": FIRST_STAGE_POOLINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}; choose one of {', '.join(allowed)}")

@@ -19,7 +19,7 @@ from matching.retrieval.shortlist import joint_vectors, two_stage_metrics
 from matching.tasks.matching import train_step
 from matching.training.loss import hardest_negative_loss
 from pipelines.cli import cli
-from tests.conftest import SMALL_MODEL, random_captions, random_images, tiny_config, tiny_model
+from tests.conftest import SMALL_MODEL, TINY, random_captions, random_images, tiny_config, tiny_model
 
 ALL = EvaluationSettings(split=None)  # every caption of the file
 
@@ -162,6 +162,34 @@ def test_checkpoints_keep_the_meaning_of_fields_added_after_them():
     assert Config.from_checkpoint(newer).model.first_stage_dim == 32
     assert Config().train.global_loss_weight == 0.0  # the paper's loss alone, by default
     assert Config.default("multi-query").train.global_loss_weight == 0.0  # HMRN's loss has its own
+
+
+def test_a_checkpoint_with_the_first_heads_loads_them_and_scores_as_they_did(tmp_path):
+    """A checkpoint saved before `model.first_stage_pooling` has the attention-only head: it loads as one,
+    with its weights, and its shortlist vectors are those weights' vectors; a new model pools with the max too."""
+    from matching import checkpoint
+    from matching.data.text import Vocabulary
+    from matching.model.first_stage import FirstStageHead
+    from matching.model.tshsr import build_model
+
+    vocab = Vocabulary.build(["a red circle"], threshold=1)
+    config = Config(model=tiny_config(first_stage_dim=16, first_stage_pooling="attention", vocab_size=len(vocab)))
+    model = build_model(config.model)
+    with torch.no_grad():
+        for parameter in model.first_stage.parameters():
+            parameter.normal_()  # weights a fresh head would not have
+    checkpoint.save(tmp_path / "old.pt", model, config, vocab)
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    del payload["config"]["model"]["first_stage_pooling"]  # as the first heads' checkpoints were written
+    torch.save(payload, tmp_path / "old.pt")
+    loaded, loaded_config, _ = checkpoint.load(tmp_path / "old.pt")
+    assert loaded_config.model.first_stage_pooling == "attention"
+    features, boxes = random_images(4, TINY["num_regions"], TINY["img_dim"], seed=5)
+    with torch.no_grad():
+        images = model.eval().encode_images(torch.from_numpy(features), torch.from_numpy(boxes))
+        assert torch.equal(loaded.eval().image_vectors(images), model.image_vectors(images))
+    assert Config().model.first_stage_pooling == "attention+max"
+    assert FirstStageHead(8, 4).images.project.in_features == 16  # [attended average ; element-wise max]
 
 
 def test_shortlist_refuses_what_it_cannot_do(trained_multiquery, trained_two_stage, tmp_path):

@@ -91,5 +91,6 @@ def build_model(config: ModelConfig) -> TSHSR:
                           reasoning=reasoning, reasoning_stream=config.reasoning_stream,
                           lambda_i2t=config.lambda_i2t, lambda_t2i=config.lambda_t2i,
                           attention_clip=config.attention_clip)
-    first_stage = FirstStageHead(config.embed_size, config.first_stage_dim) if config.first_stage_dim else None
+    first_stage = (FirstStageHead(config.embed_size, config.first_stage_dim, config.first_stage_pooling)
+                   if config.first_stage_dim else None)
     return TSHSR(image_encoder=image_encoder, text_encoder=text_encoder, head=head, first_stage=first_stage)

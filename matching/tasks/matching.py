@@ -129,7 +129,8 @@ class MatchingTask:
     recipe: dict[str, Any] = {}  # the paper's (TrainConfig's defaults)
     variants = VARIANTS
     # Checkpoints from before these fields: trained without the global loss, no first-stage head.
-    legacy_fields = {"train.global_loss_weight": 0.0, "model.first_stage_dim": 0}
+    legacy_fields = {"train.global_loss_weight": 0.0, "model.first_stage_dim": 0,
+                     "model.first_stage_pooling": "attention"}
     run_prefix = "tshsr"
     data_file = "a caption file (Karpathy JSON, TSV or JSONL)"
     unit = "captions"
