@@ -25,6 +25,7 @@ from matching.importers.hmrn import import_hmrn
 from matching.model.hmrn import score_rounds
 from matching.retrieval.scoring import ImageArrays
 from pipelines.cli import cli
+from tests.published_weights import encoders_and_poolings, random_weights
 from tests.test_multiquery_drilldown_vocab import write_drilldown_vocab
 
 D, M, WORD, IMG, K, STEPS, TURNS = 8, 6, 5, 12, 36, 3, 10
@@ -39,30 +40,8 @@ runner = CliRunner()
 def hmrn_state_dicts(seed: int = 0):
     """Random weights under the exact names and shapes of HMRN's img_enc, txt_enc and sim_enc."""
     g = torch.Generator().manual_seed(seed)
-
-    def w(*shape, scale=0.3):
-        return torch.randn(*shape, generator=g) * scale
-
-    def bn(n):
-        return {"weight": torch.rand(n, generator=g) + 0.5, "bias": w(n, scale=0.1),
-                "running_mean": w(n, scale=0.2), "running_var": torch.rand(n, generator=g) + 0.5,
-                "num_batches_tracked": torch.tensor(100)}
-
-    img = {"fc.weight": w(D, IMG), "fc.bias": w(D, scale=0.05)}
-    txt = {"embed.weight": w(VOCAB, WORD, scale=1.0)}
-    for suffix in ("", "_reverse"):
-        txt[f"cap_rnn.weight_ih_l0{suffix}"] = w(3 * D, WORD)
-        txt[f"cap_rnn.weight_hh_l0{suffix}"] = w(3 * D, D)
-        txt[f"cap_rnn.bias_ih_l0{suffix}"] = w(3 * D, scale=0.1)
-        txt[f"cap_rnn.bias_hh_l0{suffix}"] = w(3 * D, scale=0.1)
-    sim = {}
-    for prefix, norms in (("v_global_w", True), ("t_global_w", False)):
-        sim[f"{prefix}.embedding_local.0.weight"], sim[f"{prefix}.embedding_local.0.bias"] = w(D, D), w(D)
-        sim[f"{prefix}.embedding_global.0.weight"], sim[f"{prefix}.embedding_global.0.bias"] = w(D, D), w(D)
-        sim[f"{prefix}.embedding_common.0.weight"], sim[f"{prefix}.embedding_common.0.bias"] = w(1, D), w(1)
-        if norms:
-            sim.update({f"{prefix}.embedding_local.1.{k}": v for k, v in bn(K).items()})
-            sim.update({f"{prefix}.embedding_global.1.{k}": v for k, v in bn(D).items()})
+    w = random_weights(g)
+    img, txt, sim = encoders_and_poolings(g, embed=D, img=IMG, vocab=VOCAB, word=WORD, regions=K, word_scale=1.0)
     for name, shape in (("sim_tranloc_w", (M, D)), ("sim_tranglo_w", (M, D)), ("sim_w", (1, M))):
         sim[f"{name}.weight"], sim[f"{name}.bias"] = w(*shape, scale=0.6), w(shape[0], scale=0.1)
     for step in range(STEPS):
