@@ -115,8 +115,14 @@ def make_binding_scenes(n_images: int, seed: int = 0, objects: tuple[int, ...] =
     each scene's look-alikes: a bag-of-words ranker cannot do better than 1/k there
     (`bag_of_words_ceiling`), a model that binds words to regions can.
     """
-    rng = np.random.default_rng(seed)
+    from math import comb
+
     colours, seen = list(COLOURS), set()
+    groups = {k: comb(len(colours), k) * comb(len(SHAPES), k) for k in set(objects)}  # distinct colour/shape sets
+    if sum(k * n for k, n in groups.items()) < n_images:
+        raise ValueError(f"groups of {', '.join(map(str, sorted(groups)))} objects make at most "
+                         f"{sum(k * n for k, n in groups.items())} different scenes, fewer than {n_images}")
+    rng = np.random.default_rng(seed)
     scenes: list[Scene] = []
     bounds = np.cumsum([share for _, share in SPLITS]) * n_images
     while len(scenes) < n_images:

@@ -42,6 +42,12 @@ def test_binding_scenes_defeat_a_bag_of_words():
     assert 30 <= ceiling["t2i_r1"] <= 50 and 30 <= ceiling["i2t_r1"] <= 50
 
 
+def test_asking_for_more_binding_scenes_than_exist_is_an_error_not_a_hang():
+    assert len(make_binding_scenes(3360, seed=1, objects=(3,))) == 3360  # 56 colour sets × 20 shape sets × 3
+    with pytest.raises(ValueError, match="at most 3360 different scenes, fewer than 3361"):
+        make_binding_scenes(3361, seed=1, objects=(3,))
+
+
 def test_the_bag_of_words_ceiling_counts_look_alikes():
     def scene(number: int, *pairs: tuple[str, str]) -> Scene:
         return Scene(f"s{number}", [SceneObject(c, s, "left") for c, s in pairs], "test")
