@@ -23,7 +23,17 @@ Variants:
 - plain-head: the plain batched similarity head (`benchmarks/bench_train.py`'s baseline)
   instead of the fast chunked one, in training and evaluation.
 
+Multi-query (`--task multi-query`): the same kind of world with groups of three scenes, each
+scene's three named objects its three queries ("a red circle", "a blue square", "a green star",
+in a random order), so that every round's queries fit the target's whole group as a bag of words
+(a perfect bag-of-words ranker: R@1 1/3 at every round) and only binding tells the group apart.
+A small HMRN (d = 128, m = 64, word 64, InfoNCE as in the task's defaults, lr 2e-3, batch 64)
+trains for 20 epochs on 3,000 scenes; it prints test R@1 per round. Variants:
+- default: the task's defaults (a query is its words and `<end>`, HMRN's);
+- start-end: queries wrapped `<start> … <end>` as captions are (the default before HMRN's).
+
     python benchmarks/bench_learning.py [--seeds 3] [--images 3750] [--variants default,global-loss]
+    python benchmarks/bench_learning.py --task multi-query [--seeds 3] [--variants default,start-end]
     python benchmarks/bench_learning.py --quick       # 600 scenes, 8 regions: a check that it runs
 """
 
@@ -40,6 +50,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,6 +115,96 @@ def world(root: Path, seed: int, images: int, regions: int) -> tuple[Path, Path,
     return features, features / "vocab.json", bag_of_words_ceiling(scenes, "test")
 
 
+# The multi-query check: a small HMRN and a short recipe that learn the multi-query binding world on a CPU.
+MQ_MODEL = {"embed_size": 128, "sim_dim": 64, "word_dim": 64, "max_turns": 3}
+MQ_RECIPE = {"epochs": 20, "learning_rate": 2e-3, "batch_size": 64, "workers": 0, "features_in_memory": True,
+             "checkpoint_every": 0, "val_images": 0, "lr_decay_epoch": 0}
+MQ_VARIANTS: dict[str, dict] = {
+    "default": {},
+    "start-end": {"model": {"query_wrap": "start-end"}},
+}
+
+
+def multiquery_world(root: Path, seed: int, images: int, regions: int) -> tuple[Path, Path, float]:
+    """Shards, query sets and vocabulary of one seed's multi-query binding world, and its bag-of-words R@1."""
+    from matching.data.queries import QuerySet, write_query_sets
+    from matching.data.vocabulary import build_vocabulary
+    from pipelines.synthetic import bag_of_words_ceiling, make_binding_scenes, write_feature_dataset
+
+    scenes = make_binding_scenes(images, seed=seed, objects=(3,))
+    features = root / f"mq-world-{seed}"
+    queries = features / "queries.jsonl"
+    if not (features / "manifest.json").exists():
+        write_feature_dataset(features, scenes, feature_dim=64, max_boxes=regions, seed=seed, place_rate=0.0)
+        rng = np.random.default_rng(seed + 3)
+        write_query_sets(queries, [QuerySet(scene.image_id, tuple(scene.described[i].named
+                                                                   for i in rng.permutation(len(scene.described))),
+                                            scene.split, scene.image_id) for scene in scenes])
+        build_vocabulary(queries, features / "vocab.json", threshold=1)
+    # every round's queries are a bag of the target group's words: ranking by bags ties the whole group
+    return features, features / "vocab.json", bag_of_words_ceiling(scenes, "test")["t2i_r1"]
+
+
+def run_multiquery(root: Path, name: str, seed: int, features: Path, vocab: Path, model: dict, recipe: dict) -> dict:
+    from matching.config import Config
+    from matching.retrieval.evaluate import evaluate_checkpoint
+    from matching.training.loop import train
+
+    variant = MQ_VARIANTS[name]
+    config = Config.default("multi-query").updated(model={**model, **variant.get("model", {})},
+                                                   train={**recipe, "seed": seed, **variant.get("train", {})})
+    run_dir = root / f"mq-run-{name}-{seed}"
+    queries = features / "queries.jsonl"
+    started = time.time()
+    train(config, features=features, captions=queries, vocab_path=vocab, run_dir=run_dir, overwrite=True,
+          device="cpu", progress=False, log=lambda line: None)
+    seconds = time.time() - started
+    rounds = evaluate_checkpoint(run_dir / "model_best.pt", features, queries, device="cpu").results["rounds"]
+    return {"test_r1": [row["r1"] for row in rounds], "test_meanr": [row["meanr"] for row in rounds],
+            "train_seconds": round(seconds, 1)}
+
+
+def main_multiquery(args: argparse.Namespace) -> None:
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MQ_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown multi-query variant(s) {', '.join(unknown)}; choose from {', '.join(MQ_VARIANTS)}")
+    model = dict(MQ_MODEL)
+    recipe = {**MQ_RECIPE, **({"epochs": args.epochs} if args.epochs_given else {})}
+    started = time.time()
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    ceilings = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            features, vocab, ceiling = multiquery_world(root, seed, args.images, args.regions)
+            ceilings.append(ceiling)
+            for name in names:
+                row = run_multiquery(root, name, seed, features, vocab, model, recipe)
+                rows[name].append(row)
+                print(f"seed {seed} {name:<10} test R@1 by round " + " ".join(f"{v:5.1f}" for v in row["test_r1"])
+                      + f" (bag of words {ceiling:.1f}; {row['train_seconds']:.0f} s)", flush=True)
+    ceiling = statistics.mean(ceilings)
+    print(f"\n{args.seeds} seeds, {args.images} scenes, up to {args.regions} regions; a perfect bag-of-words "
+          f"ranker: R@1 {ceiling:.1f} at every round")
+    summary = {}
+    for name in names:
+        by_round = list(zip(*(row["test_r1"] for row in rows[name]), strict=True))
+        summary[name] = [(statistics.mean(v), statistics.pstdev(v)) for v in by_round]
+        print(f"{name:<10} R@1 " + "  ".join(f"r{i + 1} {m:5.1f} ± {sd:4.1f}"
+                                             for i, (m, sd) in enumerate(summary[name])))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"benchmark": "bench_learning", "task": "multi-query",
+                                 "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "device": platform.processor() or platform.machine(),
+                                 "threads": torch.get_num_threads(), "seeds": args.seeds,
+                                 "first_seed": args.first_seed, "images": args.images, "regions": args.regions,
+                                 "model": model, "recipe": recipe, "bag_of_words_r1": ceiling, "rows": rows,
+                                 "summary": summary, "seconds": round(time.time() - started, 1)}) + "\n")
+
+
 def run(root: Path, name: str, seed: int, features: Path, vocab: Path, shortlists: tuple[int, ...],
         model: dict, recipe: dict) -> dict:
     from matching.config import Config, EvaluationSettings
@@ -155,12 +256,21 @@ def main() -> None:
     parser.add_argument("--warmup-epochs", type=int, default=RECIPE["warmup_epochs"])
     parser.add_argument("--lr", type=float, default=RECIPE["learning_rate"])
     parser.add_argument("--quick", action="store_true", help="600 scenes of 8 regions, one seed.")
+    parser.add_argument("--task", choices=("matching", "multi-query"), default="matching")
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.regions, args.seeds = 600, 8, 1
+    if args.task == "multi-query":
+        args.epochs_given = "--epochs" in sys.argv
+        if "--images" not in sys.argv and not args.quick:
+            args.images = 3000  # groups of three make at most 3,360 different scenes
+        if "--variants" not in sys.argv:
+            args.variants = ",".join(MQ_VARIANTS)
+        main_multiquery(args)
+        return
     model = {"embed_size": args.embed_size, "sim_dim": args.sim_dim, "word_dim": args.word_dim}
     recipe = {**RECIPE, "batch_size": args.batch_size, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
               "learning_rate": args.lr}
-    if args.quick:
-        args.images, args.regions, args.seeds = 600, 8, 1
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
