@@ -166,6 +166,31 @@ def test_adaptive_mode_keeps_10_to_100_regions_and_retry_failed(tmp_path, publis
     assert read_manifest(out).failed == [] and "broken/corrupt.jpg" in FeatureStore(out)
 
 
+def test_a_shard_a_kill_left_out_of_the_manifest_is_adopted_not_extracted_again(tmp_path, published_weights):  # noqa: F811
+    """The window a SIGKILL can hit: a shard renamed into place, the manifest not yet updated."""
+    from extract.shards import locked_manifest
+
+    images = _small_set(tmp_path, ("a.jpg", "gray.jpg", "nested/b.png"))
+    out = tmp_path / "features"
+    assert extract_features(images, out, published_weights, small_config(shard_size=2), progress=False).done == 3
+    with locked_manifest(out) as manifest:
+        unlisted = manifest.shards.pop()  # the last shard, as if the kill came before its manifest entry
+    assert (out / unlisted.name).exists() and read_manifest(out).num_images == 3 - unlisted.num_images
+    rerun = extract_features(images, out, published_weights, small_config(shard_size=2), progress=False)
+    assert rerun.done == 0 and rerun.skipped == 3
+    store = FeatureStore(out)
+    assert sorted(store.image_ids) == ["a.jpg", "gray.jpg", "nested/b.png"] and store.verify() == []
+
+
+def _ids_in_shard_files(out: Path) -> list[str]:
+    """The image ids of every complete shard file in `out`, listed in the manifest or not."""
+    ids = []
+    for path in sorted(out.glob("shard-*.h5")):
+        with h5py.File(path, "r") as handle:
+            ids += list(handle["image_ids"].asstr()[:])
+    return ids
+
+
 def _run_child(code: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -204,7 +229,9 @@ def test_a_stopped_run_resumes_without_loss_or_duplicates(tmp_path, published_we
         done, signum = stdout.split("SUMMARY")[1].split()
         assert signum == str(int(signal.SIGTERM)) and int(done) >= 2  # the third image seen is the first broken one
         assert read_manifest(out).num_images == int(done)
-    before = read_manifest(out).num_images if (out / "manifest.json").exists() else 0
+    # What is stored: the manifest's shards and any shard a kill renamed into place before it was listed
+    # (the rerun adopts those, so their images are not extracted again either).
+    before = len(_ids_in_shard_files(out))
     assert before < len(sizes)
     summary = extract_features(images, out, published_weights, small_config(), progress=False)
     assert before + summary.done == len(sizes)
