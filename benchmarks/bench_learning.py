@@ -47,7 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +108,7 @@ def world(root: Path, seed: int, images: int, regions: int) -> tuple[Path, Path,
     from pipelines.synthetic import bag_of_words_ceiling, make_binding_scenes, write_feature_dataset
 
     scenes = make_binding_scenes(images, seed=seed)
-    features = root / f"world-{seed}"
+    features = root / f"world-{seed}-{images}x{regions}"
     if not (features / "manifest.json").exists():
         write_feature_dataset(features, scenes, feature_dim=64, max_boxes=regions, seed=seed, place_rate=0.0)
         build_vocabulary(features / "captions.jsonl", features / "vocab.json", threshold=1)
@@ -132,7 +132,7 @@ def multiquery_world(root: Path, seed: int, images: int, regions: int) -> tuple[
     from pipelines.synthetic import bag_of_words_ceiling, make_binding_scenes, write_feature_dataset
 
     scenes = make_binding_scenes(images, seed=seed, objects=(3,))
-    features = root / f"mq-world-{seed}"
+    features = root / f"mq-world-{seed}-{images}x{regions}"
     queries = features / "queries.jsonl"
     if not (features / "manifest.json").exists():
         write_feature_dataset(features, scenes, feature_dim=64, max_boxes=regions, seed=seed, place_rate=0.0)
@@ -164,27 +164,42 @@ def run_multiquery(root: Path, name: str, seed: int, features: Path, vocab: Path
             "train_seconds": round(seconds, 1)}
 
 
-def main_multiquery(args: argparse.Namespace) -> None:
-    names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = [name for name in names if name not in MQ_VARIANTS]
+def variant_names(spec: str, known: dict[str, dict]) -> list[str]:
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise SystemExit(f"unknown multi-query variant(s) {', '.join(unknown)}; choose from {', '.join(MQ_VARIANTS)}")
-    model = dict(MQ_MODEL)
-    recipe = {**MQ_RECIPE, **({"epochs": args.epochs} if args.epochs_given else {})}
-    started = time.time()
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
+def sweep(args: argparse.Namespace, names: list[str], make_world: Callable, run_one: Callable,
+          describe: Callable[[str, dict, object], str]) -> tuple[dict[str, list[dict]], list]:
+    """Every variant for every seed on that seed's world (made once); each run's line printed as it ends."""
     rows: dict[str, list[dict]] = {name: [] for name in names}
     ceilings = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            features, vocab, ceiling = multiquery_world(root, seed, args.images, args.regions)
+            features, vocab, ceiling = make_world(root, seed, args.images, args.regions)
             ceilings.append(ceiling)
             for name in names:
-                row = run_multiquery(root, name, seed, features, vocab, model, recipe)
+                row = run_one(root, name, seed, features, vocab)
                 rows[name].append(row)
-                print(f"seed {seed} {name:<10} test R@1 by round " + " ".join(f"{v:5.1f}" for v in row["test_r1"])
-                      + f" (bag of words {ceiling:.1f}; {row['train_seconds']:.0f} s)", flush=True)
+                print(f"seed {seed} {describe(name, row, ceiling)} ({row['train_seconds']:.0f} s)", flush=True)
+    return rows, ceilings
+
+
+def main_multiquery(args: argparse.Namespace) -> None:
+    names = variant_names(args.variants, MQ_VARIANTS)
+    model = dict(MQ_MODEL)
+    recipe = {**MQ_RECIPE, **({"epochs": args.epochs} if args.epochs_given else {})}
+    started = time.time()
+    rows, ceilings = sweep(
+        args, names, multiquery_world,
+        lambda root, name, seed, features, vocab: run_multiquery(root, name, seed, features, vocab, model, recipe),
+        lambda name, row, ceiling: (f"{name:<10} test R@1 by round " + " ".join(f"{v:5.1f}" for v in row["test_r1"])
+                                    + f"; bag of words {ceiling:.1f}"))
     ceiling = statistics.mean(ceilings)
     print(f"\n{args.seeds} seeds, {args.images} scenes, up to {args.regions} regions; a perfect bag-of-words "
           f"ranker: R@1 {ceiling:.1f} at every round")
@@ -256,7 +271,9 @@ def main() -> None:
     parser.add_argument("--warmup-epochs", type=int, default=RECIPE["warmup_epochs"])
     parser.add_argument("--lr", type=float, default=RECIPE["learning_rate"])
     parser.add_argument("--quick", action="store_true", help="600 scenes of 8 regions, one seed.")
-    parser.add_argument("--task", choices=("matching", "multi-query"), default="matching")
+    parser.add_argument("--task", choices=("matching", "multi-query"), default="matching",
+                        help="multi-query: HMRN on the multi-query binding world, with its own small model and "
+                             "recipe (of the sizes and recipe options only --epochs applies; 3,000 scenes).")
     args = parser.parse_args()
     if args.quick:
         args.images, args.regions, args.seeds = 600, 8, 1
@@ -271,26 +288,15 @@ def main() -> None:
     model = {"embed_size": args.embed_size, "sim_dim": args.sim_dim, "word_dim": args.word_dim}
     recipe = {**RECIPE, "batch_size": args.batch_size, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
               "learning_rate": args.lr}
-    names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    names = variant_names(args.variants, VARIANTS)
     shortlists = tuple(int(k) for k in args.shortlist.split(",") if k.strip())
     started = time.time()
-    rows: dict[str, list[dict]] = {name: [] for name in names}
-    ceilings = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = args.workdir or Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            features, vocab, ceiling = world(root, seed, args.images, args.regions)
-            ceilings.append(ceiling)
-            for name in names:
-                row = run(root, name, seed, features, vocab, shortlists, model, recipe)
-                rows[name].append(row)
-                print(f"seed {seed} {name:<16} test R@1 i2t {row['test_i2t_r1']:5.1f} t2i {row['test_t2i_r1']:5.1f} "
-                      f"rsum {row['test_rsum']:5.1f} (val rsum after epoch 1: {row['val_rsum_epoch1']:.1f}; "
-                      f"{row['train_seconds']:.0f} s)", flush=True)
+    rows, ceilings = sweep(
+        args, names, world,
+        lambda root, name, seed, features, vocab: run(root, name, seed, features, vocab, shortlists, model, recipe),
+        lambda name, row, ceiling: (f"{name:<16} test R@1 i2t {row['test_i2t_r1']:5.1f} t2i {row['test_t2i_r1']:5.1f} "
+                                    f"rsum {row['test_rsum']:5.1f}; val rsum after epoch 1: "
+                                    f"{row['val_rsum_epoch1']:.1f}"))
     bow = {key: statistics.mean(c[key] for c in ceilings) for key in ("i2t_r1", "t2i_r1")}
     print(f"\n{args.seeds} seeds, {args.images} scenes, up to {args.regions} regions; a perfect bag-of-words "
           f"ranker: R@1 i2t {bow['i2t_r1']:.1f}, t2i {bow['t2i_r1']:.1f}")
