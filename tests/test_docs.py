@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *ROOT.glob("*/README.md")])
+# the repository's own: not the README that pytest writes into .pytest_cache, nor a build's or a venv's
+DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"),
+                    *(p for p in ROOT.glob("*/README.md") if not p.parent.name.startswith(".")
+                      and not p.parent.name.endswith(".egg-info"))])
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
