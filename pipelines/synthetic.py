@@ -124,11 +124,13 @@ def make_binding_scenes(n_images: int, seed: int = 0, objects: tuple[int, ...] =
                          f"{sum(k * n for k, n in groups.items())} different scenes, fewer than {n_images}")
     rng = np.random.default_rng(seed)
     scenes: list[Scene] = []
+    used: dict[int, int] = {}  # colour/shape sets taken, by group size
     bounds = np.cumsum([share for _, share in SPLITS]) * n_images
     while len(scenes) < n_images:
         left = n_images - len(scenes)
+        open_sizes = [k for k in objects if used.get(k, 0) < groups[k]]  # sizes with colour/shape sets left
         # a group size that leaves room for whole groups, so every scene keeps its look-alikes
-        sizes = [k for k in objects if k == left or left - k >= min(objects)] or list(objects)
+        sizes = [k for k in open_sizes if k == left or left - k >= min(objects)] or open_sizes
         k = int(rng.choice(sizes))
         chosen_colours = [colours[i] for i in rng.choice(len(colours), size=k, replace=False)]
         chosen_shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), size=k, replace=False)]
@@ -136,6 +138,7 @@ def make_binding_scenes(n_images: int, seed: int = 0, objects: tuple[int, ...] =
         if signature in seen:
             continue
         seen.add(signature)
+        used[k] = used.get(k, 0) + 1
         other_colours = [c for c in colours if c not in chosen_colours]
         other_shapes = [s for s in SHAPES if s not in chosen_shapes]
         split = next(name for (name, _), bound in zip(SPLITS, bounds, strict=True) if len(scenes) < bound)

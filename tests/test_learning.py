@@ -46,6 +46,8 @@ def test_asking_for_more_binding_scenes_than_exist_is_an_error_not_a_hang():
     assert len(make_binding_scenes(3360, seed=1, objects=(3,))) == 3360  # 56 colour sets × 20 shape sets × 3
     with pytest.raises(ValueError, match="at most 3360 different scenes, fewer than 3361"):
         make_binding_scenes(3361, seed=1, objects=(3,))
+    # groups of two and three: 840 + 3,360 scenes; the last ones can only come from whichever size has sets left
+    assert len(make_binding_scenes(4200, seed=2)) == 4200
 
 
 def test_the_bag_of_words_ceiling_counts_look_alikes():
