@@ -122,13 +122,13 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = {pooling: trained_model(args.workdir, args.train_scenes, log, pooling) for pooling in poolings}
     features, captions, ceiling = gallery(args.workdir, args.images)
-    models = {pooling: checkpoint.load(path)[0] for pooling, path in paths.items()}
-    model, _, vocab = checkpoint.load(paths[poolings[0]])
+    loaded = {pooling: checkpoint.load(path) for pooling, path in paths.items()}
+    models = {pooling: model for pooling, (model, _, _) in loaded.items()}
+    model, _, vocab = loaded[poolings[0]]
+    paper = {name: t for name, t in model.state_dict().items() if not name.startswith("first_stage.")}
     for pooling, other in models.items():  # the head learns from detached inputs: the paper model is the same
-        same = all(torch.equal(a, b) for (name, a), (_, b) in zip(model.state_dict().items(),
-                                                                   other.state_dict().items(), strict=False)
-                   if not name.startswith("first_stage."))
-        if not same:
+        state = other.state_dict()
+        if not all(name in state and torch.equal(t, state[name]) for name, t in paper.items()):
             raise SystemExit(f"the paper model trained beside the {pooling} head differs from the others'")
     store = FeatureStore(features)
     image_ids, ordered = evaluation_set(read_captions(captions), store.image_ids, 5)
